@@ -90,7 +90,7 @@ class MixtureParams:
     smoothing: float = field(default=1e-4, metadata=_range(0, 1, hi_open=True))
     # empty = the base model's per-domain eval loss from the evaluate stage
     reference_loss: dict[str, float] = field(default_factory=dict)
-    eval_sequences: int = field(default=4, metadata=_range(1))
+    eval_sequences: int = field(default=16, metadata=_range(1))
 
 
 @dataclass

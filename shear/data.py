@@ -152,3 +152,29 @@ def load_domains(shards_dir: str | Path, split: str, tokenizer=None) -> dict[str
     """Every domain's array for one split, checked against the tokenizer when given."""
     manifest = load_manifest(shards_dir, tokenizer)
     return {d: load_split(shards_dir, d, split) for d in manifest["domains"]}
+
+
+def calibration_batch(shards_dir: str | Path, n_sequences: int, seq_len: int, tokenizer=None,
+                      split: str = "calib") -> "torch.Tensor":
+    """`n_sequences` rows of `seq_len` tokens from the calib split, taken round-robin over domains.
+
+    Deterministic (first rows of each domain), so every criterion scores on the same data.
+    """
+    import torch
+
+    per_domain = {d: rechunk(a, seq_len) for d, a in load_domains(shards_dir, split, tokenizer).items()}
+    rows, i = [], 0
+    while len(rows) < n_sequences:
+        added = False
+        for arr in per_domain.values():
+            if i < len(arr) and len(rows) < n_sequences:
+                rows.append(np.asarray(arr[i], dtype=np.int64))
+                added = True
+        if not added:
+            available = sum(len(a) for a in per_domain.values())
+            raise ShearError(
+                f"{shards_dir}: the {split} split holds {available} sequences of {seq_len} tokens, "
+                f"fewer than the {n_sequences} asked for; lower score.calib_sequences or add text"
+            )
+        i += 1
+    return torch.from_numpy(np.stack(rows))

@@ -1,0 +1,1 @@
+"""Importance criteria: which blocks (depth) and which units (width) matter least."""
