@@ -185,6 +185,14 @@ def make_tiny_model(spec: str = "", seed: int = 0):
     return model, tokenizer
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def find_gguf(target: str) -> Path:
     """Locate a GGUF file: an explicit path, or the single .gguf inside an installed package."""
     path = Path(target)
@@ -225,7 +233,7 @@ def load_source(source: str, seed: int = 0):
         except (ValueError, OSError, KeyError) as e:
             raise ShearError(f"{file}: cannot read this GGUF file ({str(e).splitlines()[0]})") from None
         check_supported(model.config, str(file))
-        return model.eval(), tok, {"source": source, "file": str(file)}
+        return model.eval(), tok, {"source": source, "file": file.name, "sha256": _sha256(file)}
     if kind == "hf":
         directory = Path(arg)
         if not (directory / "config.json").is_file():
