@@ -1,18 +1,34 @@
-"""Domain sampler: draws training batches from per-domain shards by mixture weights.
+"""Domain mixture: draw training batches from per-domain shards by mixture weights.
 
 Used by sheared pruning and by retraining. `DomainSampler` keeps its weights fixed;
-its state (weights, RNG, per-domain cursors) is part of every training checkpoint so a
-resumed run draws exactly the batches the uninterrupted run would have.
+`DynamicDomainSampler` is Sheared-LLaMA's dynamic batch loading (Xia et al. 2023,
+Algorithm 1): every few steps the training loop measures each domain's held-out loss and
+moves weight towards the domains whose loss is furthest above a reference loss (by
+default the base model's own per-domain loss, so the pruned model is pushed to recover
+what it lost, domain by domain).
+
+The training loop's contract, every `mixture.update_every` optimizer steps when dynamic:
+
+    losses = domain_losses(model, rows)         # rows = heldout_rows(...), made once
+    sampler.update(losses)
+    log_mixture(live, sampler, losses, step)
+
+and `sampler.state_dict()` goes into every checkpoint: it holds the weights, the update
+history, the RNG and the per-domain cursors, so a resumed run draws exactly the batches
+the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from shear.data import rechunk
+from shear.data import load_domains, rechunk
 from shear.errors import ShearError
+from shear.io import atomic_file, read_json
 
 
 def initial_weights(domains: dict[str, np.ndarray], given: Optional[dict[str, float]] = None) -> dict[str, float]:
@@ -77,7 +93,172 @@ class DomainSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state written by `state_dict`."""
+        if sorted(state["weights"]) != sorted(self.domains):
+            raise ShearError(f"checkpoint sampler has domains {sorted(state['weights'])}, but the shards have "
+                             f"{sorted(self.domains)}; resume with the same shards or start afresh")
         self.weights = dict(state["weights"])
         self.rng.bit_generator.state = state["rng"]
         self.order = {d: np.asarray(o) for d, o in state["order"].items()}
         self.cursor = dict(state["cursor"])
+
+
+class DynamicDomainSampler(DomainSampler):
+    """Sheared-LLaMA dynamic batch loading: weights follow each domain's excess loss."""
+
+    def __init__(self, domains: dict[str, np.ndarray], seq_len: int, seed: int,
+                 weights: Optional[dict[str, float]] = None, *, reference: dict[str, float],
+                 eta: float = 1.0, smoothing: float = 1e-4):
+        super().__init__(domains, seq_len, seed, weights)
+        missing = [d for d in self.domains if d not in reference]
+        if missing:
+            raise ShearError(f"no reference loss for domain {missing[0]!r}; give mixture.reference_loss.{missing[0]} "
+                             "or evaluate the base model first")
+        self.reference = {d: float(reference[d]) for d in self.domains}
+        self.eta = eta
+        self.smoothing = smoothing
+        self.history: list[dict] = []
+
+    def update(self, losses: dict[str, float]) -> dict[str, float]:
+        """One step of Algorithm 1: the new weights from each domain's current held-out loss."""
+        missing = [d for d in self.domains if d not in losses]
+        if missing:
+            raise ShearError(f"dynamic mixture update got no held-out loss for domain {missing[0]!r}")
+        loss = np.array([float(losses[d]) for d in self.domains])
+        ref = np.array([self.reference[d] for d in self.domains])
+        w = np.array([self.weights[d] for d in self.domains])
+        excess = np.maximum(loss - ref, 0.0)  # a domain at or below its reference gets no push
+        with np.errstate(divide="ignore"):  # an initial weight of 0 is log 0 = -inf: fine for softmax
+            logits = np.log(w) + self.eta * excess
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        # Smoothing keeps every domain drawable (>= c/k), so its loss can still be measured and recover.
+        k = len(self.domains)
+        w = (1 - self.smoothing) * w + self.smoothing / k
+        self.weights = {d: float(x) for d, x in zip(self.domains, w)}
+        self.history.append({"weights": dict(self.weights), "losses": {d: float(losses[d]) for d in self.domains}})
+        return dict(self.weights)
+
+    def state_dict(self) -> dict:
+        """Weights, RNG, cursors and the update history."""
+        return {**super().state_dict(), "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state written by `state_dict`."""
+        super().load_state_dict(state)
+        self.history = [dict(h) for h in state.get("history", [])]
+
+
+def build_sampler(mixture: str, domains: dict[str, np.ndarray], seq_len: int, seed: int,
+                  weights: Optional[dict[str, float]] = None, reference: Optional[dict[str, float]] = None,
+                  eta: float = 1.0, smoothing: float = 1e-4) -> DomainSampler:
+    """The sampler `data.mixture` asks for: `fixed` weights or `dynamic` batch loading."""
+    if mixture == "fixed":
+        return DomainSampler(domains, seq_len, seed, weights)
+    if mixture == "dynamic":
+        return DynamicDomainSampler(domains, seq_len, seed, weights, reference=reference or {},
+                                    eta=eta, smoothing=smoothing)
+    raise ShearError(f"params.yaml: data.mixture={mixture!r} is not known; valid: fixed, dynamic")
+
+
+def heldout_rows(shards_dir: str | Path, tokenizer, n_sequences: int, seq_len: int = 128) -> dict[str, torch.Tensor]:
+    """The first `n_sequences` rows of `seq_len` tokens of each domain's eval split (fewer if it is short)."""
+    rows = {}
+    for domain, arr in load_domains(shards_dir, "eval", tokenizer).items():
+        chunks = rechunk(arr, seq_len)[:n_sequences]
+        if len(chunks) == 0:
+            raise ShearError(f"{shards_dir}/{domain}/eval.npy: no held-out sequence of {seq_len} tokens, which the "
+                             "dynamic mixture needs; raise shards.eval_fraction or add text to the domain")
+        rows[domain] = torch.from_numpy(np.asarray(chunks, dtype=np.int64))
+    return rows
+
+
+@torch.no_grad()
+def domain_losses(model, rows: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
+    """Mean next-token NLL (natural log, no BOS added) of the model on each domain's rows."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses = {}
+    try:
+        for domain, x in rows.items():
+            total, count = 0.0, 0
+            for start in range(0, len(x), batch_size):
+                batch = x[start:start + batch_size].to(device)
+                # The model's loss is the mean over batch * (L - 1) predicted tokens; re-weight by that count
+                # so a short last batch counts for its tokens only.
+                n = batch.shape[0] * (batch.shape[1] - 1)
+                total += float(model(input_ids=batch, labels=batch).loss) * n
+                count += n
+            losses[domain] = total / count
+    finally:
+        model.train(was_training)
+    return losses
+
+
+def reference_losses(base_metrics_path: str | Path, given: Optional[dict[str, float]], domains: list[str],
+                     seq_len: int = 128) -> dict[str, float]:
+    """Each domain's reference loss: `given` (mixture.reference_loss) or the base model's eval loss."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(domains))
+    if unknown:
+        raise ShearError(f"params.yaml: mixture.reference_loss names unknown domain {unknown[0]!r}; "
+                         f"domains: {', '.join(domains)}")
+    missing = [d for d in domains if d not in given]
+    measured = {}
+    if missing:
+        path = Path(base_metrics_path)
+        if not path.is_file():
+            raise ShearError(f"{path}: not found; the dynamic mixture needs the base model's per-domain loss "
+                             "(run the evaluate stage for base) or mixture.reference_loss for every domain")
+        measured = read_json(path).get("loss", {}).get(str(seq_len), {})
+    ref = {}
+    for d in domains:
+        if d in given and not (isinstance(given[d], (int, float)) and math.isfinite(given[d])):
+            raise ShearError(f"params.yaml: mixture.reference_loss.{d}={given[d]!r} is not a finite number")
+        value = given.get(d, measured.get(d))
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ShearError(f"{base_metrics_path}: no finite loss.{seq_len}.{d}; give mixture.reference_loss.{d} "
+                             "or re-run the evaluate stage for base")
+        ref[d] = float(value)
+    return ref
+
+
+def log_mixture(live, sampler: DomainSampler, losses: dict[str, float], step: int) -> None:
+    """Log `mixture/weight/<domain>` and `mixture/loss/<domain>` to a DVCLive `Live` at `step`.
+
+    Writes the rows at `step` and leaves `live.step` as it was: the caller's own loop keeps
+    owning `next_step`.
+    """
+    previous = live.step
+    live.step = step
+    for d in sampler.domains:
+        live.log_metric(f"mixture/weight/{d}", float(sampler.weights[d]), plot=True)
+        if d in losses:
+            live.log_metric(f"mixture/loss/{d}", float(losses[d]), plot=True)
+    live.step = previous
+
+
+def plot_weights(history: list[dict], path: str | Path, update_every: int = 1) -> Path:
+    """A PNG of each domain's weight over the updates (x = optimizer step when `update_every` is given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history:
+        steps = [update_every * (i + 1) for i in range(len(history))]
+        for d in history[0]["weights"]:
+            ax.plot(steps, [h["weights"][d] for h in history], label=d)
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no mixture updates", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("optimizer step" if update_every > 1 else "update")
+    ax.set_ylabel("domain weight")
+    ax.set_title("dynamic batch loading: domain weights")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
