@@ -1,0 +1,115 @@
+"""The report builds from hand-written metrics files: table rows, PNG figures, CSV plot data."""
+import argparse
+import csv
+import json
+
+import pytest
+
+from shear.report import batch_speed, quality_rows, table_rows, write_report
+
+
+def metrics_of(name: str, scale: float, params: int) -> dict:
+    """A metrics.json in the evaluate stage's schema: two domains, lengths 16 and 64, one task, two batch sizes."""
+    m = {
+        "params": {"total": params + 1000, "non_embedding": params},
+        "ppl": {"16": {"code": 4.0 * scale, "prose": 9.0 * scale, "mean": 6.0 * scale},
+                "64": {"code": 3.0 * scale, "prose": 7.0 * scale, "mean": 4.5 * scale}},
+        "loss": {},
+        "ppl_protocol": {"bos": 0, "seq_len": {"16": 16, "64": 64}},
+        "tasks": {"shear_lastword": {"acc": 0.5 / scale, "acc_stderr": 0.05, "n": 100}},
+        "speed": {"path": "eager", "dtype": "float32", "prompt_len": 8, "new_tokens": 4, "repeats": 1,
+                  "batch": {"bs1": {"prefill_ms": 2.0 * params / 4000, "decode_ms_per_token": params / 4000,
+                                    "tokens_per_s": 4000 * 1e3 / params},
+                            "bs8": {"prefill_ms": 9.0 * params / 4000, "decode_ms_per_token": 2 * params / 4000,
+                                    "tokens_per_s": 8 * 4000 * 1e3 / (2 * params)}}},
+        "info": {"model": name, "device": "cpu", "wall_s": 1.5},
+    }
+    if name != "base":
+        m["speedup"] = {"ideal": 4000 / params,
+                        "bs1": {"decode": 4000 / params, "prefill": 4000 / params, "decode_vs_ideal": 1.0},
+                        "bs8": {"decode": 4000 / params, "prefill": 4000 / params, "decode_vs_ideal": 1.0}}
+        m["retention"] = {"ppl_16": 1 / scale, "ppl_64": 1 / scale, "acc_mean": 1 / scale}
+    return m
+
+
+METRICS = {"base": metrics_of("base", 1.0, 4000), "pruned": metrics_of("pruned", 2.0, 3000),
+           "retrained": metrics_of("retrained", 1.25, 3000)}
+RECORDS = {"base": {"method": "base", "architecture": {"num_hidden_layers": 4, "hidden_size": 64,
+                                                       "num_attention_heads": 4, "num_key_value_heads": 2,
+                                                       "intermediate_size": 128}},
+           "pruned": {"method": "depth", "criterion": "ppl"}}
+
+
+def row(rows, label):
+    return next(r for r in rows if r[0] == label)
+
+
+def test_table_rows():
+    rows = table_rows(METRICS, RECORDS)
+    assert row(rows, "made by") == ["made by", "base", "depth (ppl)", "—"]
+    assert row(rows, "shape")[1] == "4 L · d 64 · 4/2 heads · MLP 128"
+    assert row(rows, "parameters, non-embedding") == ["parameters, non-embedding", "4,000 (100.0%)",
+                                                      "3,000 (75.0%)", "3,000 (75.0%)"]
+    assert row(rows, "ppl@16 prose") == ["ppl@16 prose", "9.00", "18.00", "11.25"]
+    assert row(rows, "ppl@64 mean") == ["ppl@64 mean", "4.50", "9.00", "5.62"]
+    assert row(rows, "shear_lastword acc") == ["shear_lastword acc", "0.500 ± 0.050", "0.250 ± 0.050",
+                                               "0.400 ± 0.050"]
+    assert row(rows, "decode ms/token, batch 8") == ["decode ms/token, batch 8", "2.00", "1.50", "1.50"]
+    assert row(rows, "decode tokens/s, batch 1") == ["decode tokens/s, batch 1", "1000.0", "1333.3", "1333.3"]
+    assert row(rows, "decode speed-up, batch 1") == ["decode speed-up, batch 1", "—", "1.33×", "1.33×"]
+    assert row(rows, "retention, ppl@16 (base/this)")[1:] == ["—", "0.500", "0.800"]
+    # domains and lengths come from the files: nothing invented
+    assert [r[0] for r in rows if r[0].startswith("ppl@")] == [
+        "ppl@16 code", "ppl@16 prose", "ppl@16 mean", "ppl@64 code", "ppl@64 prose", "ppl@64 mean"]
+
+
+def test_missing_values_are_dashes():
+    partial = {"base": METRICS["base"], "pruned": {"params": {"total": 10, "non_embedding": 5},
+                                                   "ppl": {"16": {"code": 5.0, "mean": 5.0}}}}
+    rows = table_rows(partial)
+    assert row(rows, "ppl@16 prose") == ["ppl@16 prose", "9.00", "—"]
+    assert row(rows, "decode ms/token, batch 1")[2] == "—"
+    assert batch_speed(partial["pruned"]) == {}
+
+
+def test_quality_rows_use_shortest_length_and_smallest_batch():
+    rows = quality_rows(METRICS)
+    assert [r["model"] for r in rows] == ["base", "pruned", "retrained"]
+    assert rows[1]["ppl"] == 12.0 and rows[1]["ppl_seq_len"] == 16
+    assert rows[1]["batch"] == 1 and rows[1]["tokens_per_s"] == pytest.approx(4000 * 1e3 / 3000)
+    assert rows[2]["acc_mean"] == pytest.approx(0.4)
+
+
+def test_write_report(tmp_path):
+    text = write_report(METRICS, tmp_path / "report.md", tmp_path / "figures", RECORDS)
+    assert (tmp_path / "report.md").read_text() == text
+    assert "|  | base | pruned | retrained |" in text
+    assert "| ppl@16 prose | 9.00 | 18.00 | 11.25 |" in text
+    assert "| shear_lastword acc | 0.500 ± 0.050 | 0.250 ± 0.050 | 0.400 ± 0.050 |" in text
+    assert "![per-domain perplexity](figures/perplexity.png)" in text
+    for png in ("perplexity.png", "speed.png", "quality.png"):
+        data = (tmp_path / "figures" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    with open(tmp_path / "figures/perplexity/pruned.csv") as f:
+        ppl = list(csv.DictReader(f))
+    assert {(r["label"], float(r["ppl"])) for r in ppl} >= {("prose @16", 18.0), ("mean @64", 9.0)}
+    with open(tmp_path / "figures/speed.csv") as f:
+        speed = list(csv.DictReader(f))
+    assert [r["label"] for r in speed] == [f"{m} · batch {b}" for m in METRICS for b in (1, 8)]
+    with open(tmp_path / "figures/quality.csv") as f:
+        assert [r["model"] for r in csv.DictReader(f)] == ["base", "pruned", "retrained"]
+
+
+def test_stage(tmp_path, monkeypatch, capsys):
+    import stages.report as stage
+
+    monkeypatch.chdir(tmp_path)
+    for name, m in METRICS.items():
+        (tmp_path / "reports/eval" / name).mkdir(parents=True)
+        (tmp_path / "reports/eval" / name / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "data/models/pruned").mkdir(parents=True)
+    (tmp_path / "data/models/pruned/shear.json").write_text(json.dumps(RECORDS["pruned"]))
+    stage.main(None, argparse.Namespace())
+    assert "| made by | — | depth (ppl) | — |" in (tmp_path / "reports/report.md").read_text()
+    assert (tmp_path / "reports/figures/quality.png").is_file()
+    assert "| ppl@64 mean | 4.50 | 9.00 | 5.62 |" in capsys.readouterr().out
