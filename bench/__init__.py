@@ -1,0 +1,1 @@
+"""Benchmarks: each `python -m bench.<name>` times a fast path against the straightforward way."""
