@@ -12,7 +12,10 @@ import torch
 from shear.models import make_tiny_model, offline
 
 offline()
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models run fastest on one thread, and tests that start subprocesses (accelerate, dvc)
+# must not oversubscribe CI's two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 

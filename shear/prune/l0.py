@@ -1,0 +1,248 @@
+"""Hard-concrete (L0) masks for Sheared-LLaMA's targeted structured pruning.
+
+A mask unit (a layer, a head, an MLP neuron, a hidden channel) has a learned
+log-alpha. During training its mask value z is a sample of the hard-concrete
+distribution (Louizos et al., 2018): a binary-concrete sample stretched to
+(-0.1, 1.1) and clipped to [0, 1], so z is exactly 0 or 1 with positive probability
+and differentiable in log-alpha. The expected number of non-zero units (expected L0)
+is closed-form, which lets a Lagrangian push the expected shape to a target shape.
+
+Mask types, following the reference code (princeton-nlp/LLM-Shearing, pruning modules
+`[layer, head, intermediate, hidden]`):
+
+    layer    [L]      one mask per block, scales both the attention and the MLP output
+    head     [L, H]   query heads (o_proj input, per head)
+    kv_head  [L, K]   GQA only, when the target has fewer KV heads: whole KV groups
+    mlp      [L, I]   MLP neurons (down_proj input)
+    hidden   [d]      hidden channels (embedding, residual contributions, final norm)
+
+GQA (our addition; the paper prunes multi-head LLaMA-2): query head h belongs to KV group
+h // g with g = H / K. The target keeps g' = H' / K' query heads in each of K' groups.
+The `head` mask learns which query heads survive inside a group (target fraction g'/g);
+when K' < K a `kv_head` mask learns which whole groups survive (target fraction K'/K).
+The final selection keeps the K' best groups and the g' best heads inside each, so the
+pruned model always has H' % K' == 0. A multi-head model (g = 1) needs no `kv_head` mask:
+each head is its own group and the `head` mask keeps the H' best heads of a layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from shear.errors import ShearError
+
+# Hard-concrete constants of the reference code.
+STRETCH = (-0.1, 1.1)
+EPSILON = 1e-6
+# log-alpha starts at 5 (+ N(0, 0.01) noise) and is clamped to [log 1e-2, log 1e2], so every
+# unit starts kept: P(z > 0) ~ 0.998 and the sampled z is 1 for ~95% of draws.
+INIT_LOG_ALPHA = 5.0
+INIT_NOISE = 1e-2
+LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
+# Deterministic score sigmoid(log_alpha / temperature * 0.8): the reference's ("magical number").
+SCORE_SHARPNESS = 0.8
+
+MASK_TYPES = ("layer", "head", "kv_head", "mlp", "hidden")
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "head_dim")
+
+
+class HardConcrete(nn.Module):
+    """Hard-concrete masks of one type: log-alpha of shape [rows, n] (or [n]), one mask per unit."""
+
+    def __init__(self, shape: tuple[int, ...], temperature: float, generator: torch.Generator):
+        super().__init__()
+        init = INIT_LOG_ALPHA + INIT_NOISE * torch.randn(shape, generator=generator)
+        self.log_alpha = nn.Parameter(init)
+        self.temperature = temperature
+
+    def constrain(self) -> None:
+        """Clamp log-alpha into the reference's range (done before every use, as it does)."""
+        with torch.no_grad():
+            self.log_alpha.clamp_(*LOG_ALPHA_RANGE)
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """One hard-concrete draw z in [0, 1] per unit, differentiable in log-alpha."""
+        u = torch.rand(self.log_alpha.shape, generator=generator).clamp(EPSILON, 1 - EPSILON)
+        u = u.to(self.log_alpha.device)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
+        low, high = STRETCH
+        return (s * (high - low) + low).clamp(0.0, 1.0)
+
+    def expected_score(self) -> torch.Tensor:
+        """P(z > 0) per unit: 1 - CDF of the stretched concrete at 0; its sum is the expected L0."""
+        low, high = STRETCH
+        x = (0 - low) / (high - low)
+        cdf0 = torch.sigmoid(math.log(x / (1 - x)) * self.temperature - self.log_alpha)
+        return 1 - cdf0.clamp(EPSILON, 1 - EPSILON)
+
+    def expected_sparsity(self) -> torch.Tensor:
+        """Expected fraction of pruned units, per row (a scalar for a 1-D mask)."""
+        return 1 - self.expected_score().mean(-1)
+
+    def score(self) -> torch.Tensor:
+        """Deterministic mask value of a kept unit (the reference's soft mask)."""
+        return torch.sigmoid(self.log_alpha / self.temperature * SCORE_SHARPNESS)
+
+
+def top_k_mask(scores: torch.Tensor, k) -> torch.Tensor:
+    """Boolean mask keeping the k highest scores in each row (last dimension); k an int or one per row."""
+    rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)
+    k = torch.as_tensor(k, device=scores.device)
+    return rank < (k.unsqueeze(-1) if k.dim() else k)
+
+
+def check_target(source: dict, target: dict) -> None:
+    """Refuse a target the masks cannot reach: larger than the source, another head_dim, uneven groups."""
+    for key in SHAPE_KEYS:
+        if not 1 <= target[key] <= source[key]:
+            raise ShearError(f"params.yaml: prune.target gives {key}={target[key]}; sheared pruning needs "
+                             f"1..{source[key]} (the base model's {key})")
+    if target["head_dim"] != source["head_dim"]:
+        raise ShearError(f"params.yaml: prune.target has head_dim {target['head_dim']}; sheared pruning keeps "
+                         f"the base model's head_dim {source['head_dim']}")
+    g = source["num_attention_heads"] // source["num_key_value_heads"]
+    h_t, k_t = target["num_attention_heads"], target["num_key_value_heads"]
+    if h_t % k_t or h_t // k_t > g:
+        raise ShearError(f"params.yaml: prune.target has {h_t} heads over {k_t} KV heads; valid: a multiple of "
+                         f"{k_t} up to {k_t * g} ({g} query heads per KV head in the base model)")
+
+
+class L0Masks(nn.Module):
+    """Every mask type of one pruning run, its target counts and its Lagrange multipliers.
+
+    `source` and `target` are shape dicts (keys of `SHAPE_KEYS`); the target must be reachable
+    by pruning units (see `check_target`).
+    """
+
+    def __init__(self, source: dict, target: dict, temperature: float = 2 / 3, seed: int = 0):
+        super().__init__()
+        check_target(source, target)
+        self.source = {k: int(source[k]) for k in SHAPE_KEYS}
+        self.target = {k: int(target[k]) for k in SHAPE_KEYS}
+        L, d = self.source["num_hidden_layers"], self.source["hidden_size"]
+        H, K = self.source["num_attention_heads"], self.source["num_key_value_heads"]
+        self.group = H // K
+        # Kept units per row of each mask type, and the mask shapes.
+        shapes = {"layer": (L,), "head": (L, H), "mlp": (L, self.source["intermediate_size"]), "hidden": (d,)}
+        self.keep = {"layer": self.target["num_hidden_layers"], "mlp": self.target["intermediate_size"],
+                     "hidden": self.target["hidden_size"]}
+        if self.group > 1 and self.target["num_key_value_heads"] < K:
+            shapes["kv_head"] = (L, K)
+            self.keep["kv_head"] = self.target["num_key_value_heads"]
+        # Query heads kept per selection group: g' per KV group, or H' per layer when g == 1.
+        self.keep["head"] = (self.target["num_attention_heads"] // self.target["num_key_value_heads"]
+                             if self.group > 1 else self.target["num_attention_heads"])
+        generator = torch.Generator().manual_seed(seed)
+        self.masks = nn.ModuleDict({name: HardConcrete(shapes[name], temperature, generator)
+                                    for name in MASK_TYPES if name in shapes})
+        self.lambdas = nn.ParameterDict({f"{name}_{i}": nn.Parameter(torch.zeros(()))
+                                         for name in self.masks for i in (1, 2)})
+
+    # ------------------------------------------------------------------ training-time quantities
+
+    def constrain(self) -> None:
+        """Clamp every log-alpha into range."""
+        for mask in self.masks.values():
+            mask.constrain()
+
+    def sample(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A hard-concrete draw of every mask type (one draw per step, shared by the batch)."""
+        return {name: mask.sample(generator) for name, mask in self.masks.items()}
+
+    def target_sparsity(self, progress: float = 1.0) -> dict[str, float]:
+        """Fraction of units each mask type must prune (1 - kept / total per row), times `progress`.
+
+        `progress` in [0, 1] is the Lagrangian warm-up: the target ramps linearly from 0.
+        """
+        out = {}
+        for name, mask in self.masks.items():
+            n = mask.log_alpha.shape[-1] if name != "head" or self.group == 1 else self.group
+            out[name] = (1 - self.keep[name] / n) * progress
+        return out
+
+    def lagrangian(self, progress: float) -> torch.Tensor:
+        """Sum over mask types of lambda1 (s - t) + lambda2 (s - t)^2, averaged over layers.
+
+        s is the expected sparsity of the mask type, t its (warmed-up) target sparsity.
+        """
+        total = 0.0
+        for name, t in self.target_sparsity(progress).items():
+            gap = self.masks[name].expected_sparsity() - t
+            total = total + (self.lambdas[f"{name}_1"] * gap + self.lambdas[f"{name}_2"] * gap ** 2).mean()
+        return total
+
+    def expected_scores(self) -> dict[str, torch.Tensor]:
+        """P(z > 0) of every unit, per mask type."""
+        return {name: mask.expected_score() for name, mask in self.masks.items()}
+
+    # ------------------------------------------------------------------ deterministic masks
+
+    def deterministic(self, exact: bool) -> dict[str, torch.Tensor]:
+        """Deterministic mask values: the soft score of kept units, 0 for pruned ones.
+
+        exact=True keeps the target count of each type (GQA groups respected: the K' best
+        KV groups and the g' best query heads inside each). exact=False keeps, per row, the
+        rounded expected L0: the model as it currently stands (used for held-out losses).
+        """
+        with torch.no_grad():
+            out = {}
+            for name, mask in self.masks.items():
+                scores = mask.score()
+                if exact and name == "head":
+                    keep = self._head_selection(scores)
+                elif exact:
+                    keep = top_k_mask(scores, self.keep[name])
+                else:
+                    keep = top_k_mask(scores, mask.expected_score().sum(-1).round().long())
+                out[name] = torch.where(keep, scores, torch.zeros_like(scores))
+            return out
+
+    def _head_selection(self, head_scores: torch.Tensor) -> torch.Tensor:
+        """Kept query heads [L, H]: the best g' heads in each KV group, or the best H' heads if g == 1."""
+        L, H = head_scores.shape
+        if self.group == 1:
+            return top_k_mask(head_scores, self.keep["head"])
+        return top_k_mask(head_scores.view(L, H // self.group, self.group), self.keep["head"]).view(L, H)
+
+    def kept_units(self, z: dict[str, torch.Tensor]) -> dict:
+        """Indices of the units kept by exact deterministic masks, in `slice_model`'s `keep` format."""
+        layers = torch.nonzero(z["layer"]).flatten().tolist()
+        heads = self.effective_heads(z) != 0                          # [L, H]
+        groups = heads.view(heads.shape[0], -1, self.group).any(-1)   # [L, K]
+        return {
+            "layers": layers,
+            "heads": [torch.nonzero(heads[i]).flatten().tolist() for i in layers],
+            "kv_heads": [torch.nonzero(groups[i]).flatten().tolist() for i in layers],
+            "mlp": [torch.nonzero(z["mlp"][i]).flatten().tolist() for i in layers],
+            "hidden": torch.nonzero(z["hidden"]).flatten().tolist(),
+        }
+
+    def effective_heads(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per query head mask [L, H]: the head mask times its KV group's mask (when there is one)."""
+        heads = z["head"]
+        if "kv_head" in z:
+            heads = heads * z["kv_head"].repeat_interleave(self.group, dim=-1)
+        return heads
+
+    # ------------------------------------------------------------------ sizes
+
+    def parameters_kept(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Non-embedding parameters of the model the masks describe, for per-unit keep probabilities.
+
+        With P(z > 0) of every unit (`expected_scores`) this is the expected model size; with
+        0/1 masks it is the exact count of the LLaMA layout (no biases). A KV head is counted
+        with the probability that at least one of its query heads survives.
+        """
+        hd = self.source["head_dim"]
+        hidden = scores["hidden"].sum()
+        heads = self.effective_heads(scores)                                        # [L, H]
+        group_alive = 1 - (1 - scores["head"]).view(heads.shape[0], -1, self.group).prod(-1)  # [L, K]
+        if "kv_head" in scores:
+            group_alive = group_alive * scores["kv_head"]
+        per_layer = (2 * hd * (heads.sum(-1) + group_alive.sum(-1))   # q, o + k, v
+                     + 3 * scores["mlp"].sum(-1)                      # gate, up, down
+                     + 2)                                             # two RMSNorms
+        return hidden * ((scores["layer"] * per_layer).sum() + 1)    # + final RMSNorm

@@ -1,0 +1,67 @@
+"""Sheared pruning (prune.method=sheared): learn hard-concrete masks on data/models/base towards
+prune.target, then cut it to exactly that shape in data/models/pruned/.
+
+Checkpoints go to data/checkpoints/prune (a re-run with the same params resumes), DVCLive
+logs to reports/train/prune. With data.mixture=dynamic the domain weights follow each
+domain's held-out loss above the base model's (reports/eval/base/metrics.json).
+"""
+import dataclasses
+import time
+from pathlib import Path
+
+from shear.data import load_domains, load_manifest
+from shear.io import read_json
+from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
+from shear.models import count_parameters, load_model, pick_device, save_model
+from shear.prune.shapes import resolve_target
+from shear.prune.sheared import prune_sheared, run_hash
+
+BASE, SHARDS, BASE_METRICS = "data/models/base", "data/shards", "reports/eval/base/metrics.json"
+OUT, CHECKPOINTS, LOGS = "data/models/pruned", "data/checkpoints/prune", "reports/train/prune"
+
+
+def main(params, args):
+    p, s, seed = params.prune, params.prune.sheared, params.base.seed
+    started = time.perf_counter()
+    device = pick_device(params.base.device)
+    model, tokenizer, base_record = load_model(BASE)
+    target_keys = {k: v for k, v in dataclasses.asdict(p.target).items() if k != "align" and v is not None}
+    target = resolve_target(model.config, target_keys, p.target.align)
+
+    domains = load_domains(SHARDS, "train", tokenizer)
+    dynamic = params.data.mixture == "dynamic"
+    reference = reference_losses(BASE_METRICS, params.mixture.reference_loss, list(domains)) if dynamic else None
+    sampler = build_sampler(params.data.mixture, domains, s.seq_len, seed, params.data.domain_weights,
+                            reference, params.mixture.eta, params.mixture.smoothing)
+    heldout = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences) if dynamic else None
+
+    # Everything that defines the run: a checkpoint from any other run is not resumed.
+    fingerprint = run_hash({
+        "sheared": dataclasses.asdict(s), "target": target, "data": dataclasses.asdict(params.data),
+        "mixture": dataclasses.asdict(params.mixture) if dynamic else None, "reference": reference,
+        "seed": seed, "device": device.type, "base": read_json(f"{BASE}/shear.json"),
+        "shards": load_manifest(SHARDS),
+    })
+    before = count_parameters(model)
+    pruned, record = prune_sheared(
+        model, target, sampler, tokens=s.tokens, batch_size=s.batch_size, lr_model=s.lr_model,
+        lr_mask=s.lr_mask, lr_lambda=s.lr_lambda, warmup_fraction=s.warmup_fraction,
+        temperature=s.temperature, checkpoint_every=s.checkpoint_every, checkpoint_dir=CHECKPOINTS,
+        log_dir=LOGS, fingerprint=fingerprint, device=device, seed=seed, heldout=heldout,
+        update_every=params.mixture.update_every)
+    if dynamic:
+        plot_weights(sampler.history, Path(LOGS) / "mixture_weights.png", params.mixture.update_every)
+    info = save_model(pruned, tokenizer, OUT, {
+        **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": params.data.mixture},
+        "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
+    })
+    after = info["parameters"]
+    print(f"prune: sheared {record['training']['steps']} steps -> {', '.join(f'{k}={v}' for k, v in target.items())}: "
+          f"{before['non_embedding']:,} -> {after['non_embedding']:,} non-embedding parameters "
+          f"({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    from shear.stage import run_stage
+
+    run_stage(__doc__, main)
