@@ -1,0 +1,227 @@
+"""Quality metrics of a model: per-domain perplexity, lm-eval tasks, retention vs the base model.
+
+Perplexity protocol (written into every metrics file as `ppl_protocol`):
+- the eval split of each domain, re-cut into rows of each length in `evaluate.ppl_seq_lens`
+  (the first `ppl_max_tokens` tokens of the split, so every length sees the same text);
+  a length above the model's `max_position_embeddings` is clamped to it;
+- every row is scored independently (no KV cache, no sliding window): the loss is the mean
+  next-token NLL (natural log) over the row's tokens 2..L, or 1..L when a BOS token is
+  prepended. BOS is prepended only when the model's tokenizer adds one itself, i.e. when the
+  model saw one at the start of its training text. SmolLM2's tokenizer adds none, and the
+  shards hold none (documents are separated by EOS), so the default is no BOS;
+- float32 weights (the stage loads the model so) and a float32 log-softmax, also on CUDA:
+  no bf16 autocast, so the figures do not depend on the device's precision;
+- `ppl.<len>.<domain>` = exp(loss), `loss.<len>.mean` = the mean over domains (each
+  domain counts once), `ppl.<len>.mean` = exp(loss.<len>.mean).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from shear.data import rechunk
+from shear.errors import ShearError
+from shear.lmeval_tasks import BUILTIN_TASKS, write_tasks
+
+LOGITS_CHUNK = 2048  # positions per lm_head call: bounds the [tokens, vocab] logits in memory
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token in front of a text by itself."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+@torch.no_grad()
+def perplexity(model, rows: torch.Tensor, batch_size: int, bos_token_id: int | None = None,
+               desc: str = "perplexity") -> dict:
+    """Mean next-token NLL over `rows` [N, L] of token ids: {"loss", "ppl", "tokens"}.
+
+    Each row is one independent sequence; with `bos_token_id` it is prepended to every row
+    and the first token is scored too. The model has LLaMA's layout (`model.model` = the
+    decoder, then the output embedding); the lm_head runs in chunks of positions so the
+    [tokens, vocab] logits never exist all at once.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    head = model.get_output_embeddings()
+    total_nll = torch.zeros((), dtype=torch.float64)
+    total_tokens = 0
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        batch = rows[start:start + batch_size].to(device=device, dtype=torch.long)
+        if bos_token_id is not None:
+            bos = torch.full((len(batch), 1), bos_token_id, dtype=torch.long, device=device)
+            batch = torch.cat([bos, batch], dim=1)
+        hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
+        # position t predicts token t+1
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = batch[:, 1:].reshape(-1)
+        for i in range(0, len(targets), LOGITS_CHUNK):
+            logits = head(hidden[i:i + LOGITS_CHUNK]).float()
+            target_logit = logits.gather(1, targets[i:i + LOGITS_CHUNK, None]).squeeze(1)
+            total_nll += (torch.logsumexp(logits, dim=-1) - target_logit).sum().double().cpu()
+        total_tokens += len(targets)
+    model.train(was_training)
+    loss = (total_nll / max(total_tokens, 1)).item()
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": total_tokens}
+
+
+def domain_perplexity(model, eval_splits: dict[str, np.ndarray], seq_lens: list[int], max_tokens: int,
+                      batch_size: int, bos_token_id: int | None) -> dict:
+    """Per-domain perplexity at each length: {"ppl", "loss", "ppl_protocol"} sections of metrics.json.
+
+    Keys are the requested lengths (as strings) so metrics of models with different maximum
+    lengths stay comparable; `ppl_protocol.seq_len.<len>` is the length actually used.
+    """
+    max_positions = getattr(model.config, "max_position_embeddings", None) or max(seq_lens)
+    bos = bos_token_id is not None
+    ppl, loss = {}, {}
+    protocol = {"bos": int(bos), "seq_len": {}, "tokens": {}}
+    for requested in seq_lens:
+        key = str(requested)
+        length = min(requested, max_positions - int(bos))
+        protocol["seq_len"][key] = length
+        ppl[key], loss[key], protocol["tokens"][key] = {}, {}, {}
+        for domain, split in eval_splits.items():
+            rows = rechunk(split, length)
+            rows = rows[: max(1, max_tokens // length)]
+            if len(rows) == 0:
+                print(f"evaluate: skipping {domain} at length {length}: its eval split holds fewer tokens")
+                continue
+            result = perplexity(model, torch.from_numpy(np.asarray(rows, dtype=np.int64)), batch_size,
+                                bos_token_id, desc=f"ppl {key} {domain}")
+            ppl[key][domain] = result["ppl"]
+            loss[key][domain] = result["loss"]
+            protocol["tokens"][key][domain] = result["tokens"]
+        if not loss[key]:
+            raise ShearError(
+                f"params.yaml: evaluate.ppl_seq_lens has {requested}, longer than every domain's eval split; "
+                "use a shorter length or more text (shards.eval_fraction)"
+            )
+        loss[key]["mean"] = float(np.mean(list(loss[key].values())))
+        ppl[key]["mean"] = math.exp(loss[key]["mean"])
+    return {"ppl": ppl, "loss": loss, "ppl_protocol": protocol}
+
+
+def run_tasks(model, tokenizer, tasks: list[str], heldout_dir: str | Path, limit: int | None,
+              batch_size: int, seed: int) -> dict[str, dict[str, float]]:
+    """Run lm-eval `tasks` on the in-memory model: {task: {"acc", "acc_stderr", ..., "n"}}.
+
+    Built-in `shear_*` tasks are written as YAML over the held-out text (see
+    shear.lmeval_tasks); any other name is a standard lm-eval task, which runs when its
+    dataset is already in the local Hugging Face cache (nothing is downloaded).
+    """
+    if not tasks:
+        return {}
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    builtin = [t for t in tasks if t in BUILTIN_TASKS]
+    standard = [t for t in tasks if t not in BUILTIN_TASKS]
+    with tempfile.TemporaryDirectory(prefix="shear-lmeval-") as tmp:
+        task_dir = write_tasks(builtin, heldout_dir, tmp, seed)
+        # Indexing lm-eval's own ~15k task configs takes seconds: only when one is asked for.
+        manager = TaskManager(include_path=str(task_dir), include_defaults=bool(standard))
+        unknown = [t for t in standard if t not in manager.all_tasks]
+        if unknown:
+            raise ShearError(
+                f"params.yaml: evaluate.tasks has unknown task {unknown[0]!r}; use a built-in task "
+                f"({', '.join(BUILTIN_TASKS)}) or an lm-eval task name (`lm-eval ls tasks`)"
+            )
+        # lm-eval sets a pad token on the tokenizer it gets: give it a copy.
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        # bootstrap_iters only matters for non-mean metrics (e.g. lambada's perplexity);
+        # lm-eval's default of 100000 resamples takes minutes on CPU.
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
+                bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed,
+            )
+        except (ConnectionError, FileNotFoundError) as e:
+            raise ShearError(
+                f"params.yaml: evaluate.tasks {', '.join(standard)}: dataset not available offline "
+                f"({type(e).__name__}); put it in the Hugging Face datasets cache or remove the task"
+            ) from None
+    return task_results(out)
+
+
+def task_results(out: dict) -> dict[str, dict[str, float]]:
+    """Numbers of lm-eval's results: "acc,none" -> "acc", "acc_stderr,none" -> "acc_stderr", plus "n"."""
+    results = {}
+    for task, values in out["results"].items():
+        entry = {}
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(",")
+            if metric == "sample_len" or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                continue  # "alias", "N/A" stderrs, NaN; sample_len duplicates n
+            entry[metric if filter_name in ("", "none") else f"{metric}_{filter_name}"] = float(value)
+        n = out.get("n-samples", {}).get(task, {}).get("effective")
+        if n is not None:
+            entry["n"] = int(n)
+        results[task] = entry
+    return results
+
+
+def retention(metrics: dict, base: dict) -> dict:
+    """What a model kept of the base model's quality: ratios > 1 are better than base.
+
+    `ppl_<len>` = base ppl.<len>.mean / ppl.<len>.mean; `tasks.<task>` = acc / base acc;
+    `acc_mean` = mean acc / mean base acc over the tasks both have.
+    """
+    out = {}
+    for length, values in metrics.get("ppl", {}).items():
+        base_ppl = base.get("ppl", {}).get(length, {}).get("mean")
+        if base_ppl is not None:
+            out[f"ppl_{length}"] = base_ppl / values["mean"]
+    tasks, accs, base_accs = {}, [], []
+    for task, values in metrics.get("tasks", {}).items():
+        base_acc = base.get("tasks", {}).get(task, {}).get("acc")
+        if base_acc is not None and "acc" in values:
+            accs.append(values["acc"])
+            base_accs.append(base_acc)
+            if base_acc > 0:
+                tasks[task] = values["acc"] / base_acc
+    if tasks:
+        out["tasks"] = tasks
+    if base_accs and sum(base_accs) > 0:
+        out["acc_mean"] = sum(accs) / sum(base_accs)
+    return out
+
+
+def leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every non-dict value of a nested dict, as DVC flattens metrics."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def non_numeric_keys(metrics: dict, strings_allowed: tuple[str, ...] = ("info", "speed")) -> list[str]:
+    """Dotted keys whose values `dvc metrics diff` cannot compare as numbers.
+
+    None and lists are dropped by DVC and NaN is not JSON. Strings are shown but not
+    diffed, so they are allowed only under the top-level sections `strings_allowed`
+    (labels such as the device name, or the decode path shear.speed chose).
+    """
+    bad = []
+    for key, value in leaves(metrics):
+        if isinstance(value, str) and key.split(".")[0] in strings_allowed:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad.append(key)
+    return bad
