@@ -184,16 +184,19 @@ class SpeedParams:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = field(default=128, metadata=_range(1))
     new_tokens: int = field(default=32, metadata=_range(1))
-    repeats: int = field(default=5, metadata=_range(1))
+    repeats: int = field(default=3, metadata=_range(1))
+    # decode paths to measure (the fastest is kept): compiled | generate_static | eager;
+    # empty = the device's default (CUDA: compiled first; CPU: eager, see shear.speed.default_paths)
+    paths: list[Literal["compiled", "generate_static", "eager"]] = field(default_factory=list)
 
 
 @dataclass
 class EvaluateParams:
     ppl_seq_lens: list[int] = field(default_factory=lambda: [128, 1024])
-    ppl_max_tokens: int = field(default=65_536, metadata=_range(1))  # per domain and length
+    ppl_max_tokens: int = field(default=16_384, metadata=_range(1))  # per domain and length
     batch_size: int = field(default=8, metadata=_range(1))
     tasks: list[str] = field(default_factory=lambda: ["shear_lastword", "shear_foldoc_mc"])
-    task_limit: Optional[int] = field(default=200, metadata=_range(1))
+    task_limit: Optional[int] = field(default=100, metadata=_range(1))
     speed: SpeedParams = field(default_factory=SpeedParams)
 
 

@@ -23,7 +23,7 @@ NAMES = ("base", "pruned", "retrained")
 def speed_of(model, device, sp) -> dict:
     """The speed section of metrics.json (shear.speed's decode/prefill benchmark)."""
     return measure_speed(model, device, batch_sizes=sp.batch_sizes, prompt_len=sp.prompt_len,
-                         new_tokens=sp.new_tokens, repeats=sp.repeats)
+                         new_tokens=sp.new_tokens, repeats=sp.repeats, paths=sp.paths or None)
 
 
 def main(params, args):
