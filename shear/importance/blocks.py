@@ -1,0 +1,296 @@
+"""Block importance: how much each transformer block matters, by nine criteria.
+
+Every criterion returns one score per block, HIGHER = MORE IMPORTANT:
+
+    ppl        perplexity on the calibration set with that block removed (Shortened LLaMA)
+    taylor     sum over the block's weights of |W * dL/dW| (first-order Taylor, Shortened LLaMA)
+    magnitude  sum over the block's weights of |W|
+    bi         ShortGPT block influence, 1 - mean cos(block input, block output)
+    angular    Gromov et al.: angular distance between the inputs of blocks l and l+n,
+               spread over blocks so that the best span of n blocks scores lowest
+    sleb       SLEB: greedily remove the block whose removal gives the lowest perplexity
+    random     a seeded baseline
+    ppl+, taylor+  the same scores, with the first and last few blocks protected
+
+Fast perplexity: the hidden state entering block i is the same whether or not a later
+block is removed, so one forward pass caches every block's input, and the model without
+block i is scored by running only blocks i+1.. from the cached input of block i: about
+half the work of the straightforward loop (`ppl_scores_loop`), with identical numbers.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from shear.config import BLOCK_CRITERIA
+from shear.errors import ShearError
+from shear.prune.depth import blocks_removed, lowest, protected_blocks
+
+
+def _batches(calib: torch.Tensor, batch_size: int, device):
+    """Rows of the calibration set, `batch_size` at a time, on `device`."""
+    for start in range(0, len(calib), batch_size):
+        yield calib[start:start + batch_size].to(device)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood, in float32 whatever the model's dtype."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+def block_states(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states entering each block, plus the last block's output: L + 1 tensors [B, T, d].
+
+    One forward pass with hooks, no KV cache; the last entry is before the final norm.
+    """
+    states = []
+
+    def keep(module, args, output):
+        # decoder layers return a tensor in transformers 5.x, a tuple in some older versions
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    modules = [model.model.embed_tokens, *model.model.layers]
+    hooks = [m.register_forward_hook(keep) for m in modules]
+    try:
+        model.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return states
+
+
+def _suffix_nll(model, hidden: torch.Tensor, first: int, ids: torch.Tensor) -> torch.Tensor:
+    """NLL of `ids` when `hidden` enters block `first` and the blocks from there on run.
+
+    The model's own forward builds the causal mask and rotary embeddings, so this stays
+    correct across transformers versions and attention implementations.
+    """
+    with blocks_removed(model, range(first)):
+        out = model.model(inputs_embeds=hidden, use_cache=False).last_hidden_state
+    return nll_sum(model.lm_head(out), ids)
+
+
+@torch.no_grad()
+def ppl_scores(model, calib: torch.Tensor, batch_size: int, progress: bool = True) -> list[float]:
+    """Perplexity of the model with each block removed, from cached prefixes (fast path)."""
+    L = model.config.num_hidden_layers
+    nll = torch.zeros(L, dtype=torch.float64)
+    for ids in _batches(calib, batch_size, _device(model)):
+        states = block_states(model, ids)
+        for i in tqdm(range(L), desc="ppl (fast)", unit="block", leave=False, disable=not progress):
+            # without block i, block i+1 receives what block i received
+            nll[i] += _suffix_nll(model, states[i], i + 1, ids).item()
+    tokens = calib.shape[0] * (calib.shape[1] - 1)
+    return [math.exp(v / tokens) for v in nll.tolist()]
+
+
+@torch.no_grad()
+def ppl_scores_loop(model, calib: torch.Tensor, batch_size: int, progress: bool = True) -> list[float]:
+    """The straightforward loop: delete block i, run the whole model, put it back. Reference for tests."""
+    L = model.config.num_hidden_layers
+    nll = torch.zeros(L, dtype=torch.float64)
+    for i in tqdm(range(L), desc="ppl (loop)", unit="block", leave=False, disable=not progress):
+        with blocks_removed(model, [i]):
+            for ids in _batches(calib, batch_size, _device(model)):
+                nll[i] += nll_sum(model(input_ids=ids, use_cache=False).logits, ids).item()
+    tokens = calib.shape[0] * (calib.shape[1] - 1)
+    return [math.exp(v / tokens) for v in nll.tolist()]
+
+
+@torch.no_grad()
+def unpruned_ppl(model, calib: torch.Tensor, batch_size: int) -> float:
+    """Perplexity of the model as it is, on the same calibration rows."""
+    nll = 0.0
+    for ids in _batches(calib, batch_size, _device(model)):
+        nll += nll_sum(model(input_ids=ids, use_cache=False).logits, ids).item()
+    return math.exp(nll / (calib.shape[0] * (calib.shape[1] - 1)))
+
+
+def sleb_scores(model, calib: torch.Tensor, batch_size: int, n: int,
+                first: list[float] | None = None) -> tuple[list[float], list[int]]:
+    """SLEB: remove, n times, the block whose removal gives the lowest calibration perplexity.
+
+    Each step re-scores the remaining blocks of the already-pruned model with the fast
+    path. A removed block's score is the perplexity after its removal; a kept block's is
+    the perplexity its removal would have given at the last step (so it is at least the
+    last removed block's). `first` may pass the unpruned model's `ppl_scores`, which are
+    the first step's. Returns (scores, removal order).
+    """
+    remaining, order = list(range(model.config.num_hidden_layers)), []
+    scores = [0.0] * len(remaining)
+    for k in tqdm(range(n), desc="sleb", unit="step"):
+        if k == 0 and first is not None:
+            step = first
+        else:
+            with blocks_removed(model, order):
+                step = ppl_scores(model, calib, batch_size)
+        for b, s in zip(remaining, step):
+            scores[b] = s
+        best = min(range(len(remaining)), key=lambda k: (step[k], k))
+        order.append(remaining.pop(best))
+    return scores, order
+
+
+def taylor_scores(model, calib: torch.Tensor, batch_size: int) -> list[float]:
+    """First-order Taylor importance: sum over the block's parameters of |W * dL/dW|.
+
+    As in Shortened LLaMA's code: the gradient of the LM loss is accumulated over the
+    calibration batches, each element's first-order term W * g is taken in absolute value
+    and summed within each weight matrix (and norm vector), then summed over the block.
+    """
+    params = list(model.parameters())
+    was_trainable = [p.requires_grad for p in params]
+    block_params = set(model.model.layers.parameters())
+    for p in params:  # gradients only where they are scored
+        p.requires_grad_(p in block_params)
+    try:
+        for ids in tqdm(list(_batches(calib, batch_size, _device(model))), desc="taylor", unit="batch", leave=False):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        scores = []
+        for layer in model.model.layers:
+            total = 0.0
+            for p in layer.parameters():
+                total += (p.detach().float() * p.grad.float()).abs().sum().item()
+            scores.append(total)
+    finally:
+        for p, flag in zip(params, was_trainable):
+            p.grad = None
+            p.requires_grad_(flag)
+    return scores
+
+
+@torch.no_grad()
+def magnitude_scores(model) -> list[float]:
+    """Sum of |W| over every parameter of each block (Shortened LLaMA's magnitude baseline)."""
+    return [sum(p.float().abs().sum().item() for p in layer.parameters()) for layer in model.model.layers]
+
+
+@torch.no_grad()
+def bi_scores(model, calib: torch.Tensor, batch_size: int) -> list[float]:
+    """ShortGPT block influence: 1 - cosine(input, output) of each block, averaged over all tokens."""
+    L = model.config.num_hidden_layers
+    cos_sum, count = torch.zeros(L, dtype=torch.float64), 0
+    for ids in _batches(calib, batch_size, _device(model)):
+        states = block_states(model, ids)
+        for i in range(L):
+            cos = F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)
+            cos_sum[i] += cos.sum().item()
+        count += ids.numel()
+    return (1 - cos_sum / count).tolist()
+
+
+@torch.no_grad()
+def angular_scores(model, calib: torch.Tensor, batch_size: int, n: int) -> tuple[list[float], list[int]]:
+    """Gromov et al.: remove the n consecutive blocks whose input and output are closest.
+
+    d(l) = arccos(cos(x_l, x_{l+n})) / pi on the last token of each sequence, averaged
+    over the calibration set, where x_l is the input of block l. A block's score is the
+    smallest d over the spans that contain it, so the n blocks of the best span score
+    lowest. Returns (scores, the best span's blocks).
+    """
+    L = model.config.num_hidden_layers
+    dist, count = torch.zeros(L - n + 1, dtype=torch.float64), 0
+    for ids in _batches(calib, batch_size, _device(model)):
+        states = block_states(model, ids)
+        for start in range(L - n + 1):
+            cos = F.cosine_similarity(states[start][:, -1].float(), states[start + n][:, -1].float(), dim=-1)
+            dist[start] += (torch.arccos(cos.clamp(-1, 1)) / math.pi).sum().item()
+        count += ids.shape[0]
+    dist = (dist / count).tolist()
+    scores = [min(dist[s] for s in range(max(0, b - n + 1), min(b, L - n) + 1)) for b in range(L)]
+    best = min(range(L - n + 1), key=lambda s: (dist[s], s))
+    return scores, list(range(best, best + n))
+
+
+def random_scores(num_layers: int, seed: int) -> list[float]:
+    """Seeded uniform scores: the baseline every criterion should beat."""
+    return torch.rand(num_layers, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+
+
+def score_blocks(model, calib: torch.Tensor, criterion: str, *, n: int, batch_size: int,
+                 keep_first: int = 4, keep_last: int = 2, seed: int = 0, memo: dict | None = None) -> dict:
+    """Score every block by `criterion`; the record written to reports/scores/block_<criterion>.json.
+
+    `n` is the number of blocks that will be removed (angular's span length, sleb's steps).
+    `memo` (optional) keeps scores already computed on this model and data so that
+    `ppl+` and `taylor+` reuse those of `ppl` and `taylor`, and sleb its first step.
+    """
+    if criterion not in BLOCK_CRITERIA:
+        raise ShearError(f"unknown block criterion {criterion!r}; valid: {', '.join(BLOCK_CRITERIA)}")
+    L = model.config.num_hidden_layers
+    base = criterion.rstrip("+")
+    memo = {} if memo is None else memo
+    record = {"criterion": criterion}
+    if base in memo:
+        scores = memo[base]
+    elif base == "ppl":
+        scores = ppl_scores(model, calib, batch_size)
+    elif base == "taylor":
+        scores = taylor_scores(model, calib, batch_size)
+    elif base == "magnitude":
+        scores = magnitude_scores(model)
+    elif base == "bi":
+        scores = bi_scores(model, calib, batch_size)
+    elif base == "angular":
+        scores, record["span"] = angular_scores(model, calib, batch_size, n)
+    elif base == "sleb":
+        scores, record["removal_order"] = sleb_scores(model, calib, batch_size, n, first=memo.get("ppl"))
+    else:  # random
+        scores = random_scores(L, seed)
+    if base in ("ppl", "taylor"):
+        memo[base] = scores
+    if base in ("ppl", "sleb"):
+        if "unpruned_ppl" not in memo:
+            memo["unpruned_ppl"] = unpruned_ppl(model, calib, batch_size)
+        record["unpruned_ppl"] = memo["unpruned_ppl"]
+    record.update({
+        "scores": [float(s) for s in scores],
+        "protected": protected_blocks(criterion, L, keep_first, keep_last),
+        "num_blocks": n,
+        "calibration": {"sequences": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+    })
+    return record
+
+
+def removed_by(record: dict) -> list[int]:
+    """The blocks a one-shot prune would remove by this record (none when protection forbids n)."""
+    n, protected = record["num_blocks"], record["protected"]
+    if "removal_order" in record:
+        return sorted(record["removal_order"][:n])
+    if n > len(record["scores"]) - len(protected):
+        return []
+    return lowest(record["scores"], n, protected)
+
+
+def plot_block_scores(record: dict, path: str | Path) -> None:
+    """Bar chart of importance per block: removed blocks red, protected ones grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores, removed, protected = record["scores"], set(removed_by(record)), set(record["protected"])
+    colors = ["tab:red" if i in removed else "tab:gray" if i in protected else "tab:blue" for i in range(len(scores))]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(scores)), 3.5))
+    ax.bar(range(len(scores)), scores, color=colors)
+    title = f"{record['criterion']}: red = the {len(removed)} removed" + (", grey = protected" if protected else "")
+    ylabel = "importance (higher = keep)"
+    if "unpruned_ppl" in record:
+        ax.set_yscale("log")  # removing an early block can raise perplexity 1000-fold
+        ax.axhline(record["unpruned_ppl"], color="black", lw=0.8, ls="--")
+        title += ", dashed = unpruned model"
+        ylabel = "perplexity without the block"
+    ax.set_xlabel("block")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""Depth pruning (prune.method=depth): remove the least important blocks of data/models/base.
+
+one_shot: the n lowest-scoring unprotected blocks of reports/scores/block_<criterion>.json
+(sleb: its greedy removal order). iterative: remove the lowest, re-score the smaller model
+on the calibration set, repeat n times (sleb is iterative already and keeps its order).
+"""
+from pathlib import Path
+
+from shear.data import calibration_batch
+from shear.errors import ShearError
+from shear.importance.blocks import score_blocks
+from shear.io import read_json
+from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
+from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
+                               select_blocks, target_setting)
+
+BASE, SHARDS, SCORES = "data/models/base", "data/shards", Path("reports/scores")
+OUT, OTHER_OUTS = "data/models/pruned", ("data/checkpoints/prune", "reports/train/prune")
+
+
+def main(params, args):
+    p, s = params.prune, params.score
+    model, tokenizer, base_record = load_model(BASE, device=pick_device(params.base.device))
+    L = model.config.num_hidden_layers
+    scores_path = SCORES / f"block_{p.criterion}.json"
+    record = read_json(scores_path)
+    if len(record["scores"]) != L:
+        raise ShearError(f"{scores_path}: scores {len(record['scores'])} blocks but {BASE} has {L}; "
+                         "re-run the score stage (dvc repro score)")
+    n = blocks_to_remove(L, block_parameters(model), p.ratio, p.num_blocks)
+    protected = protected_blocks(p.criterion, L, s.keep_first, s.keep_last)
+    check_protected(n, L, protected, p.criterion, target_setting(p.ratio, p.num_blocks, n))
+    before = count_parameters(model)
+
+    steps = None
+    if p.mode == "one_shot" or p.criterion == "sleb":
+        removed = select_blocks(record, n, protected)
+        remove_blocks(model, removed)
+    else:
+        calib = calibration_batch(SHARDS, s.calib_sequences, s.calib_seq_len, tokenizer)
+        base = p.criterion.rstrip("+")  # protection is applied by original index below
+
+        def rescore(m, k):
+            return score_blocks(m, calib, base, n=k, batch_size=s.batch_size, seed=params.base.seed)["scores"]
+
+        removed, steps = prune_iterative(model, n, record["scores"], rescore, protected)
+
+    info = save_model(model, tokenizer, OUT, {
+        "method": "depth",
+        "source": base_record.get("source"),
+        "criterion": p.criterion,
+        "mode": p.mode,
+        "removed_blocks": removed,
+        "protected": protected,
+        "scores": record["scores"],
+        **({"removal_steps": steps} if steps is not None else {}),
+        "parameters_before": before,
+    })
+    for d in OTHER_OUTS:  # declared outs of the prune stage that depth pruning leaves empty
+        Path(d).mkdir(parents=True, exist_ok=True)
+    after = info["parameters"]
+    print(f"prune: depth/{p.criterion}/{p.mode} removed blocks {removed} of {L}: "
+          f"{before['total']:,} -> {after['total']:,} parameters")
+
+
+if __name__ == "__main__":
+    from shear.stage import run_stage
+
+    run_stage(__doc__, main)

@@ -1,0 +1,184 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shear.config import Params
+from shear.errors import ShearError
+from shear.importance.blocks import sleb_scores
+from shear.io import read_json
+from shear.models import make_tiny_model, save_model
+from shear.prune.depth import (blocks_removed, blocks_to_remove, check_protected, protected_blocks, prune_iterative,
+                               remove_blocks, select_blocks)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ratio_rounds_to_whole_blocks():
+    assert blocks_to_remove(30, 30 * 1000, 0.2, None) == 6
+    assert blocks_to_remove(30, 30 * 1000, 0.25, None) == 8  # 7.5 rounds half up
+    assert blocks_to_remove(32, 32 * 7, 0.35, None) == 11  # 11.2
+    assert blocks_to_remove(30, 30 * 1000, 0.2, 3) == 3  # num_blocks wins
+
+
+@pytest.mark.parametrize("ratio, num_blocks, message", [
+    (0.01, None, r"prune.ratio=0.01 removes no block of 30 \(rounds to 0\); valid: prune.ratio in \[0.0167, 0.983\)"),
+    (0.99, None, r"prune.ratio=0.99 removes every block \(30 of 30\)"),
+    (None, 30, r"prune.num_blocks=30 removes every block .*prune.num_blocks in 1..29"),
+    (None, None, r"needs prune.ratio"),
+])
+def test_bad_targets_are_refused(ratio, num_blocks, message):
+    with pytest.raises(ShearError, match=message):
+        blocks_to_remove(30, 30 * 1000, ratio, num_blocks)
+
+
+def test_protected_blocks_and_conflicts():
+    assert protected_blocks("ppl", 30, 4, 2) == []
+    assert protected_blocks("taylor+", 30, 4, 2) == [0, 1, 2, 3, 28, 29]
+    with pytest.raises(ShearError) as e:
+        check_protected(26, 30, protected_blocks("ppl+", 30, 4, 2), "ppl+", "prune.num_blocks=26")
+    assert str(e.value) == "params.yaml: prune.num_blocks=26 conflicts with ppl+ protecting 6 of 30 blocks; valid: 1..24"
+    check_protected(24, 30, protected_blocks("ppl+", 30, 4, 2), "ppl+", "prune.num_blocks=24")
+    with pytest.raises(ShearError, match="unknown block criterion 'depth'"):
+        protected_blocks("depth", 30, 4, 2)
+
+
+def test_select_blocks():
+    record = {"criterion": "ppl+", "scores": [0.1, 5, 3, 1, 4, 0.2]}
+    assert select_blocks(record, 2) == [0, 5]
+    assert select_blocks(record, 2, protected=[0, 5]) == [2, 3]
+    sleb = {"criterion": "sleb", "scores": [9, 1, 2, 3], "removal_order": [2, 1]}
+    assert select_blocks(sleb, 2) == [1, 2]
+    with pytest.raises(ShearError, match="re-run the score stage"):
+        select_blocks(sleb, 3)
+
+
+def test_blocks_removed_restores_the_model(tiny):
+    model, _ = tiny
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = model(ids).logits
+        with blocks_removed(model, [1, 2]):
+            assert model.config.num_hidden_layers == 2
+            assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1]
+        torch.testing.assert_close(model(ids).logits, before)
+    assert model.config.num_hidden_layers == 4
+    assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1, 2, 3]
+
+
+def test_iterative_ppl_follows_sleb(tiny):
+    import copy
+
+    from shear.importance.blocks import ppl_scores
+
+    model, _ = tiny
+    with torch.no_grad():  # make the blocks matter more than at init so the ranking is clear
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    calib = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    _, order = sleb_scores(model, calib, batch_size=3, n=2)
+    pruned = copy.deepcopy(model)
+    removed, steps = prune_iterative(pruned, 2, ppl_scores(model, calib, 3, progress=False),
+                                     lambda m, k: ppl_scores(m, calib, 3, progress=False))
+    assert removed == order
+    assert pruned.config.num_hidden_layers == 2 and steps[1]["blocks"] == [b for b in range(4) if b != order[0]]
+
+
+def test_iterative_never_removes_protected(tiny):
+    model, _ = tiny
+    removed, _ = prune_iterative(model, 2, [0.0, 1, 2, 3], lambda m, k: [0.0] * m.config.num_hidden_layers,
+                                 protected=[0, 3])
+    assert sorted(removed) == [1, 2]
+
+
+LOGITS_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(1)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([[3, 70, 71, 72, 100, 101, 102, 33]])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[2])
+print(model.config.num_hidden_layers, [l.self_attn.layer_idx for l in model.model.layers])
+"""
+
+
+def test_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
+    model, tok = make_tiny_model("layers=5,hidden=64,heads=4,kv_heads=2,mlp=128", seed=3)
+    remove_blocks(model, [1, 3])
+    save_model(model, tok, tmp_path / "pruned", {"method": "depth", "removed_blocks": [1, 3]})
+    script = tmp_path / "logits.py"
+    script.write_text(LOGITS_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "pruned"), str(tmp_path / "l.pt")],
+                         capture_output=True, text=True, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert out.stdout.split("\n")[0] == "3 [0, 1, 2]"
+    ids = torch.tensor([[3, 70, 71, 72, 100, 101, 102, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "l.pt"), model(ids).logits)
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+
+    prompt = torch.tensor([tok("def main():").input_ids])
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kw)
+        uncached = model.generate(prompt, use_cache=False, **kw)
+    assert cached.shape[1] == prompt.shape[1] + 12
+    assert torch.equal(cached, uncached)
+
+
+def stage_params(**prune) -> Params:
+    params = Params()
+    params.score.block_criteria = ["ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "sleb", "random"]
+    params.score.width_criteria = []
+    params.score.calib_sequences, params.score.calib_seq_len, params.score.batch_size = 4, 32, 2
+    params.score.keep_first, params.score.keep_last = 1, 1
+    params.base.device = "cpu"
+    params.prune.ratio = 0.5  # 2 of 4 blocks
+    for key, value in prune.items():
+        setattr(params.prune, key, value)
+    return params
+
+
+def test_score_and_prune_stages(tmp_path, monkeypatch, tiny, shards):
+    from stages import prune, score
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    score.main(stage_params(), None)
+    for c in stage_params().score.block_criteria:
+        record = read_json(f"reports/scores/block_{c}.json")
+        assert len(record["scores"]) == 4 and record["num_blocks"] == 2
+        assert (tmp_path / "reports" / "scores" / f"block_{c}.png").is_file()
+    assert read_json("reports/scores/block_ppl+.json")["protected"] == [0, 3]
+    assert len(read_json("reports/scores/block_sleb.json")["removal_order"]) == 2
+
+    prune.main(stage_params(criterion="ppl+"), None)
+    info = read_json("data/models/pruned/shear.json")
+    ppl = read_json("reports/scores/block_ppl+.json")["scores"]
+    assert info["removed_blocks"] == [1, 2]  # the only unprotected ones
+    assert info["method"] == "depth" and info["criterion"] == "ppl+" and info["scores"] == ppl
+    assert info["parameters"]["total"] < info["parameters_before"]["total"]
+    assert info["architecture"]["num_hidden_layers"] == 2
+    assert (tmp_path / "data" / "checkpoints" / "prune").is_dir() and (tmp_path / "reports" / "train" / "prune").is_dir()
+
+    prune.main(stage_params(criterion="taylor", mode="iterative", ratio=None, num_blocks=2), None)
+    info = read_json("data/models/pruned/shear.json")
+    assert info["mode"] == "iterative" and len(info["removal_steps"]) == 2
+    taylor = read_json("reports/scores/block_taylor.json")["scores"]
+    assert info["removed_blocks"][0] == min(range(4), key=taylor.__getitem__)
+
+    with pytest.raises(ShearError, match="prune.num_blocks=3 conflicts with ppl\\+ protecting 2 of 4 blocks; valid: 1..2"):
+        prune.main(stage_params(criterion="ppl+", ratio=None, num_blocks=3), None)
