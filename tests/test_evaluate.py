@@ -66,7 +66,7 @@ def stage(monkeypatch):
     fake = types.ModuleType("shear.speed")
     fake.measured = []  # parameter count of every model measured, in order
 
-    def measure_speed(model, device, batch_sizes, prompt_len, new_tokens, repeats):
+    def measure_speed(model, device, batch_sizes, prompt_len, new_tokens, repeats, paths=None):
         fake.measured.append(count_parameters(model)["total"])
         return {"decode": {f"batch_{b}": {"tokens_per_s": 100.0 * b} for b in batch_sizes}}
 
