@@ -1,10 +1,18 @@
 """Stage `prune`: depth | width | sheared pruning of data/models/base into data/models/pruned/."""
 import importlib
+from pathlib import Path
+
+TRAIN_LOG = Path("reports/train/prune")
 
 
 def main(params, args):
     # Each method has its own thin stage module: stages/prune_<method>.py
     importlib.import_module(f"stages.prune_{params.prune.method}").main(params, args)
+    # Only sheared pruning trains and logs here; git does not keep empty directories, so a
+    # teammate's clone would see this (uncached) output as deleted without a file in it.
+    TRAIN_LOG.mkdir(parents=True, exist_ok=True)
+    if not any(TRAIN_LOG.iterdir()):
+        (TRAIN_LOG / "README.md").write_text(f"prune.method={params.prune.method} does not train; no log.\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 a second `dvc repro` that re-runs nothing, and sharing through a local DVC remote."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shear.config import Params
 from tests.conftest import REPO, stdlib_texts
 
 VENV_BIN = Path(sys.executable).parent
@@ -48,15 +50,23 @@ TINY_PARAMS = {
 }
 
 
+def _merge(defaults: dict, overrides: dict) -> dict:
+    out = dict(defaults)
+    for key, value in overrides.items():
+        out[key] = _merge(defaults[key], value) if isinstance(value, dict) and defaults.get(key) else value
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     """A git + DVC copy of the repository with tiny params and its own text files, reproduced once."""
     repo = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", "shear", "stages", ".dvc", ".gitignore"):
+    for name in ("dvc.yaml", "shear", "stages", "configs", ".dvc", ".gitignore"):
         src = REPO / name
         (shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
          if src.is_dir() else shutil.copy(src, repo / name))
-    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    # DVC needs every parameter a stage names to be present: write the defaults, then the tiny overrides.
+    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(dataclasses.asdict(Params()), TINY_PARAMS)))
     (repo / "texts").mkdir()
     for i, text in enumerate(stdlib_texts(40)):
         # Prose-like text for the "books" domain: the docstrings and comments of stdlib modules.

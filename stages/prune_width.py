@@ -1,0 +1,61 @@
+"""Width pruning (prune.method=width): one-shot uniform pruning of data/models/base to prune.target.
+
+Keeps the most important query heads / KV groups, MLP neurons and hidden channels by
+reports/scores/width_<prune.width_criterion>.json, the same number in every layer, and
+drops the least important layers when the target has fewer; writes data/models/pruned/.
+"""
+import dataclasses
+from pathlib import Path
+
+from shear.errors import ShearError
+from shear.importance.width import read_width_scores
+from shear.models import count_parameters, load_model, save_model
+from shear.prune.shapes import resolve_target, source_shape
+from shear.prune.width import width_prune
+
+BASE, SCORES = "data/models/base", Path("reports/scores")
+OUT, OTHER_OUTS = "data/models/pruned", ("data/checkpoints/prune", "reports/train/prune")
+
+
+def main(params, args):
+    p = params.prune
+    model, tokenizer, base_record = load_model(BASE)
+    target_keys = {k: v for k, v in dataclasses.asdict(p.target).items() if k != "align"}
+    target = resolve_target(model.config, target_keys, p.target.align)
+
+    scores_path = SCORES / f"width_{p.width_criterion}.json"
+    if not scores_path.is_file():
+        raise ShearError(f"{scores_path}: not found; add {p.width_criterion} to score.width_criteria "
+                         "and run the score stage (dvc repro score)")
+    scores = read_width_scores(scores_path)
+    src = source_shape(model.config)
+    expected = {"heads": (src["num_hidden_layers"], src["num_attention_heads"]),
+                "mlp": (src["num_hidden_layers"], src["intermediate_size"]), "hidden": (src["hidden_size"],)}
+    if any(tuple(scores[k].shape) != shape for k, shape in expected.items()):
+        raise ShearError(f"{scores_path}: scores were computed for another model than {BASE}; "
+                         "re-run the score stage (dvc repro score)")
+
+    before = count_parameters(model)
+    model, record = width_prune(model, target, scores)
+    info = save_model(model, tokenizer, OUT, {
+        **record,
+        "source": base_record.get("source"),
+        "criterion": p.width_criterion,
+        "scores_file": str(scores_path),
+        "align": p.target.align,
+        "requested_target": {k: v for k, v in target_keys.items() if v is not None},
+        "parameters_before": before,
+    })
+    for d in OTHER_OUTS:  # declared outs of the prune stage that one-shot width pruning leaves empty
+        Path(d).mkdir(parents=True, exist_ok=True)
+    after = info["parameters"]
+    dropped = f", dropped layers {record['removed_layers']}" if record["removed_layers"] else ""
+    print(f"prune: width/{p.width_criterion} -> {', '.join(f'{k}={v}' for k, v in target.items())}{dropped}: "
+          f"{before['non_embedding']:,} -> {after['non_embedding']:,} non-embedding parameters "
+          f"({before['total']:,} -> {after['total']:,} total)")
+
+
+if __name__ == "__main__":
+    from shear.stage import run_stage
+
+    run_stage(__doc__, main)
