@@ -1,0 +1,176 @@
+"""Stage `retrain`: LoRA | CPT | none on data/models/pruned, optionally distilled from
+data/models/base, -> data/models/retrained/ (a plain checkpoint: LoRA is merged).
+
+Also writes data/checkpoints/retrain/last/ every retrain.checkpoint_every steps (a DVC
+`persist` output: re-running the stage with the same params resumes from it; a checkpoint of
+other params is ignored) and DVCLive logs in reports/train/retrain/ (`dvc plots show`).
+
+Multi-GPU, one machine: set `retrain.num_processes` and run the stage as usual,
+
+    dvc exp run -S retrain.num_processes=8          # or python -m stages.retrain
+
+and it re-executes itself under accelerate, DDP for LoRA, FSDP for CPT on CUDA (gloo DDP
+on CPU, both methods):
+
+    accelerate launch --config_file configs/accelerate/<ddp|fsdp>.yaml --num_processes 8 \\
+        --num_machines 1 --main_process_port <a free port> -m stages.retrain
+
+Several machines: start the stage under accelerate on every node yourself (a stage that
+is already launched, LOCAL_RANK set, does not re-launch and trains with the launcher's
+world size). Every node needs the same params.yaml and data/ (models, shards, and on a
+resume the checkpoint: use a shared filesystem); only global rank 0 writes. For 2 nodes x
+8 GPUs, with node 0 at 10.0.0.1:
+
+    accelerate launch --config_file configs/accelerate/fsdp.yaml \\
+        --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 \\
+        --num_processes 16 -m stages.retrain          # on node 1: --machine_rank 1
+
+then `dvc commit retrain` on node 0 records the outputs in dvc.lock.
+"""
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from shear.data import load_domains, load_manifest
+from shear.errors import ShearError
+from shear.io import atomic_dir, write_json
+from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
+from shear.models import load_model, save_model
+from shear.train import (apply_lora, check_train_tokens, load_teacher, make_accelerator, model_digest,
+                         read_checkpoint, require_teacher, run_hash, steps_for_budget, train, trim_logs)
+
+PRUNED, BASE, SHARDS = "data/models/pruned", "data/models/base", "data/shards"
+OUT, CHECKPOINTS, LOGS = "data/models/retrained", "data/checkpoints/retrain", "reports/train/retrain"
+BASE_METRICS = "reports/eval/base/metrics.json"
+EVAL_SEQ_LEN = 128  # held-out loss length: the reference losses of the evaluate stage are at 128 tokens
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+
+
+def relaunch(params, args) -> int:
+    """Run this stage again under `accelerate launch` with retrain.num_processes processes."""
+    p = params.retrain
+    fsdp = p.method == "cpt" and params.base.device != "cpu" and torch.cuda.is_available()
+    with socket.socket() as s:  # a free port, so two runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ACCELERATE_CONFIGS / ("fsdp.yaml" if fsdp else "ddp.yaml")),
+           "--num_processes", str(p.num_processes), "--num_machines", "1", "--main_process_port", str(port),
+           "-m", "stages.retrain", "--params", args.params]
+    print("retrain: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.run(cmd).returncode
+
+
+def copy_pruned(params) -> None:
+    """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
+    from dvclive import Live
+
+    model, tokenizer, record = load_model(PRUNED)
+    losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, EVAL_SEQ_LEN))
+    with atomic_dir(OUT) as tmp:
+        for f in Path(PRUNED).iterdir():
+            if f.name != "shear.json":
+                shutil.copy2(f, tmp / f.name)
+        write_json(tmp / "shear.json", {**record, "retrain": {"method": "none", "tokens": 0, "loss_after": losses}})
+    live = Live(dir=LOGS, dvcyaml=None, save_dvc_exp=False, report=None)
+    for domain, value in losses.items():
+        live.log_metric(f"eval/loss/{domain}", value)
+    live.end()
+    print(f"retrain: method none, copied {PRUNED} -> {OUT}")
+
+
+def main(params, args):
+    p = params.retrain
+    if p.method == "none":
+        copy_pruned(params)
+        return
+    if p.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        # The checks that need no model, before paying for N processes.
+        steps_for_budget(p.tokens, p.batch_size, p.seq_len, p.grad_accum, p.num_processes)
+        if p.distill > 0:
+            require_teacher(BASE)
+        if relaunch(params, args) != 0:
+            raise ShearError("retrain: a training process failed (its error is printed above)")
+        return
+
+    accelerator = make_accelerator(params.base.device)
+    is_main = accelerator.is_main_process
+    model, tokenizer, record = load_model(PRUNED)
+    domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
+    check_train_tokens(domains, p.seq_len, SHARDS)
+    teacher = load_teacher(BASE, model, accelerator.device) if p.distill > 0 else None
+
+    dynamic = params.data.mixture == "dynamic"
+    mx = params.mixture
+    reference = reference_losses(BASE_METRICS, mx.reference_loss, list(domains), EVAL_SEQ_LEN) if dynamic else None
+    sampler = build_sampler(params.data.mixture, domains, p.seq_len, params.base.seed, params.data.domain_weights,
+                            reference, mx.eta, mx.smoothing)
+    rows = heldout_rows(SHARDS, tokenizer, mx.eval_sequences, EVAL_SEQ_LEN)
+    if p.method == "lora":
+        model = apply_lora(model, p.lora.r, p.lora.alpha, p.lora.dropout, p.lora.target_modules)
+
+    # What defines the final weights; checkpoint_every and eval_every do not, num_processes
+    # counts through the actual world size.
+    settings = {
+        "retrain": {k: v for k, v in dataclasses.asdict(p).items()
+                    if k not in ("checkpoint_every", "eval_every", "num_processes")},
+        "data": dataclasses.asdict(params.data),
+        "mixture": dataclasses.asdict(mx) if dynamic else None,
+        "seed": params.base.seed,
+        "world_size": accelerator.num_processes,
+        "model": model_digest(PRUNED),
+        "teacher": model_digest(BASE) if teacher is not None else None,
+        "shards": load_manifest(SHARDS),
+    }
+    run_id = run_hash(settings)
+    resume = read_checkpoint(CHECKPOINTS, run_id, announce=is_main)
+
+    live = None
+    if is_main:
+        from dvclive import Live
+
+        if resume is not None:
+            trim_logs(LOGS, resume["step"])
+        live = Live(dir=LOGS, resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
+    trained, summary = train(
+        model, sampler, p, accelerator, teacher=teacher, eval_rows=rows,
+        update_every=mx.update_every if dynamic else None, live=live, checkpoint_dir=CHECKPOINTS,
+        run_id=run_id, resume=resume, seed=params.base.seed,
+    )
+    if is_main:
+        save(params, trained, tokenizer, record, summary, sampler, live)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def save(params, trained, tokenizer, record, summary, sampler, live) -> None:
+    """Rank 0: the retrained model with what was done in its shear.json, the mixture plot, the logs."""
+    p, mx = params.retrain, params.mixture
+    summary |= {
+        "distill": p.distill, "distill_temperature": p.distill_temperature, "lr": p.lr,
+        "batch_size": p.batch_size, "seq_len": p.seq_len, "grad_accum": p.grad_accum,
+        "mixture": params.data.mixture,
+    }
+    if p.method == "lora":
+        summary["lora"] = dataclasses.asdict(p.lora)
+    if params.data.mixture == "dynamic":
+        # In DVCLive's images folder, which a fresh (not resumed) run clears.
+        plot_weights(sampler.history, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every)
+    pruned = {k: v for k, v in record.items() if k not in ("architecture", "parameters")}
+    save_model(trained, tokenizer, OUT, {**pruned, "retrain": summary})
+    live.end()
+    before, after = summary["loss_before"], summary["loss_after"]
+    print(f"retrain: {p.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "
+          f"held-out loss {before.get('mean', float('nan')):.4f} -> {after.get('mean', float('nan')):.4f} -> {OUT}")
+
+
+if __name__ == "__main__":
+    from shear.stage import run_stage
+
+    run_stage(__doc__, main)

@@ -1,0 +1,233 @@
+"""Retraining: LoRA / CPT reduce the loss, LoRA merges exactly, resume is exact, distillation,
+a 2-process run of the stage through accelerate (gloo), and the user-facing errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from shear.config import RetrainParams
+from shear.data import build_shards, load_domains
+from shear.distill import distill_kl, retrain_loss
+from shear.errors import ShearError
+from shear.mixture import build_sampler, heldout_rows
+from shear.models import make_tiny_model, save_model
+from shear.train import (apply_lora, check_train_tokens, load_teacher, lr_at, make_accelerator, read_checkpoint,
+                         steps_for_budget, train, trim_logs)
+from tests.conftest import REPO
+
+SPEC = "layers=2,hidden=64,heads=4,kv_heads=2,mlp=128"
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEQ, BATCH = 32, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run faster on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return make_accelerator("cpu")
+
+
+def settings(method, steps, **overrides):
+    """RetrainParams for a tiny run of `steps` optimizer steps."""
+    grad_accum = overrides.get("grad_accum", 1)
+    values = dict(method=method, tokens=steps * BATCH * SEQ * grad_accum, batch_size=BATCH, seq_len=SEQ,
+                  lr=3e-3 if method == "cpt" else 1e-2,  # a random tiny model: big steps show progress in a few
+                  warmup_fraction=0.0, eval_every=1000, checkpoint_every=1000)
+    return RetrainParams(**(values | overrides))
+
+
+def make_sampler(shards, mixture="fixed"):
+    """The training sampler; `dynamic` with reference losses the tiny model is far above."""
+    return build_sampler(mixture, load_domains(shards, "train"), SEQ, seed=0,
+                         reference={"code": 1.0, "prose": 3.0}, eta=1.0, smoothing=1e-4)
+
+
+def run(accelerator, shards, cfg, **kwargs):
+    """Train a fresh tiny model (seed 0) on the test shards; returns (model, summary)."""
+    model, tok = make_tiny_model(SPEC, seed=0)
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    sampler = kwargs.pop("sampler", None) or make_sampler(shards)
+    rows = heldout_rows(shards, tok, 4, SEQ)
+    return train(model, sampler, cfg, accelerator, eval_rows=rows, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["cpt", "lora"])
+def test_loss_decreases(accelerator, shards, method):
+    model, summary = run(accelerator, shards, settings(method, 8))
+    assert summary["steps"] == 8 and summary["tokens"] == 8 * BATCH * SEQ
+    assert summary["loss_after"]["mean"] < summary["loss_before"]["mean"] - 0.05
+    # The result is a plain model: LoRA merged, nothing left of peft.
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_merged_lora_equals_peft_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = make_tiny_model(SPEC, seed=0)
+    peft_model = apply_lora(model, 8, 16, 0.05, ALL_LINEAR)
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapters do something
+            torch.nn.init.normal_(p, std=0.05)
+    x = torch.randint(0, 256, (2, 24))
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=x).logits
+        merged = peft_model.merge_and_unload()
+        assert torch.allclose(merged(input_ids=x).logits, expected, atol=1e-5)
+    save_model(merged, tok, tmp_path / "m", {"method": "test"})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits, expected, atol=1e-5)
+
+
+class Killed(Exception):
+    """Stands in for the process being killed mid-run."""
+
+
+@pytest.mark.parametrize("method,grad_accum,mixture", [("cpt", 2, "fixed"), ("lora", 1, "dynamic")])
+def test_resume_equals_uninterrupted(accelerator, shards, tmp_path, capsys, method, grad_accum, mixture):
+    steps = 6
+    cfg = settings(method, steps, grad_accum=grad_accum, checkpoint_every=2)
+    update_every = 2 if mixture == "dynamic" else None
+    reference, expected_summary = run(accelerator, shards, cfg, sampler=make_sampler(shards, mixture),
+                                      update_every=update_every)
+
+    # Killed while drawing the batches of step 5: the checkpoint of step 4 survives.
+    sampler = make_sampler(shards, mixture)
+    draw, calls = sampler.next_batch, []
+
+    def dying_next_batch(n):
+        calls.append(n)
+        if len(calls) > 4 * grad_accum:
+            raise Killed
+        return draw(n)
+
+    sampler.next_batch = dying_next_batch
+    with pytest.raises(Killed):
+        run(accelerator, shards, cfg, sampler=sampler, update_every=update_every, checkpoint_dir=tmp_path,
+            run_id="run-a")
+    state = read_checkpoint(tmp_path, "run-a")
+    assert state["step"] == 4
+
+    resumed, summary = run(accelerator, shards, cfg, sampler=make_sampler(shards, mixture),
+                           update_every=update_every, checkpoint_dir=tmp_path, run_id="run-a", resume=state)
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == steps
+    assert summary["mixture_weights"] == pytest.approx(expected_summary["mixture_weights"], abs=1e-9)
+    if mixture == "dynamic":  # three updates moved weight towards code, the domain furthest above its reference
+        assert summary["mixture_weights"]["code"] > make_sampler(shards).weights["code"] + 0.1
+    expected = reference.state_dict()
+    for name, value in resumed.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+
+    # A checkpoint of other params is ignored, and the user is told.
+    assert read_checkpoint(tmp_path, "run-b") is None
+    assert "ignoring the checkpoint" in capsys.readouterr().out
+
+
+def test_distillation_from_itself_has_zero_kl(accelerator, shards):
+    student, _ = make_tiny_model(SPEC, seed=0)
+    teacher, _ = make_tiny_model(SPEC, seed=0)
+    other, _ = make_tiny_model(SPEC, seed=1)
+    x = torch.randint(0, 256, (2, 24))
+    logits = student(input_ids=x).logits
+    loss, parts = retrain_loss(logits, x, teacher(input_ids=x).logits.detach(), weight=1.0, temperature=2.0)
+    assert abs(loss.item()) < 1e-6 and abs(parts["kl"].item()) < 1e-6
+    loss.backward()
+    assert max(p.grad.abs().max().item() for p in student.parameters() if p.grad is not None) < 1e-6
+    assert distill_kl(logits, other(input_ids=x).logits, 1.0).item() > 1e-3
+    # The distillation path of the loop runs (teacher = another model, half CE half KL).
+    _, summary = run(accelerator, shards, settings("cpt", 2, distill=0.5), teacher=other.requires_grad_(False))
+    assert summary["steps"] == 2
+
+
+def test_lr_schedule():
+    lrs = [lr_at(s, 20, 4, 1e-3) for s in range(20)]
+    assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3)
+    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ShearError, match=r"retrain.tokens=100 is smaller than one optimizer step of 256"):
+        steps_for_budget(100, 2, 64, 2, 1)
+    model, _ = make_tiny_model(SPEC, seed=0)
+    with pytest.raises(ShearError, match=r"'qkv_proj'.*valid: down_proj, gate_proj, k_proj, o_proj, q_proj"):
+        apply_lora(model, 8, 16, 0.05, ["q_proj", "qkv_proj"])
+    with pytest.raises(ShearError, match=r"retrain.distill > 0 needs the teacher .*missing"):
+        load_teacher(tmp_path / "base", model, torch.device("cpu"))
+    with pytest.raises(ShearError, match=r"retrain.seq_len=256 tokens \(the largest holds 100\)"):
+        check_train_tokens({"a": np.zeros((1, 100)), "b": np.zeros((0, 64))}, 256, tmp_path)
+
+
+def test_trim_logs(tmp_path):
+    path = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text("step\tloss\n1\t3.0\n2\t2.5\n3\t2.4\n")
+    trim_logs(tmp_path, 2)
+    assert path.read_text() == "step\tloss\n1\t3.0\n2\t2.5\n"
+
+
+def test_two_process_stage(tmp_path, raw_corpus):
+    """The stage re-launches itself under accelerate with 2 gloo processes and trains CPT."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = make_tiny_model(SPEC, seed=0)
+    build_shards(raw_corpus, tok, tmp_path / "data/shards", seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
+                 max_tokens_per_domain=200_000, seed=0)
+    save_model(model, tok, tmp_path / "data/models/pruned", {"method": "test"})
+    params = {
+        "base": {"device": "cpu"},
+        "mixture": {"eval_sequences": 4},
+        "retrain": {"method": "cpt", "tokens": 6 * 2 * 2 * SEQ, "batch_size": 2, "seq_len": SEQ, "lr": 3e-3,
+                    "warmup_fraction": 0.0, "num_processes": 2, "checkpoint_every": 4, "eval_every": 3},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "stages.retrain"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    info = json.loads((tmp_path / "data/models/retrained/shear.json").read_text())["retrain"]
+    assert info["world_size"] == 2 and info["steps"] == 6
+    assert info["loss_after"]["mean"] < info["loss_before"]["mean"]
+    checkpoint = tmp_path / "data/checkpoints/retrain/last"
+    assert json.loads((checkpoint / "meta.json").read_text())["step"] == 6
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and state["step"] == 6
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "data/models/retrained")
+    assert torch.equal(trained.model.embed_tokens.weight, state["model"]["model.embed_tokens.weight"])
+    assert (tmp_path / "reports/train/retrain/plots/metrics/train/loss.tsv").is_file()
+
+
+def test_method_none_copies_the_pruned_model(tmp_path, shards, tiny, monkeypatch):
+    from shear.config import Params
+    from shear.models import load_model
+    from stages.retrain import copy_pruned
+
+    model, tok = tiny
+    save_model(model, tok, tmp_path / "data/models/pruned", {"method": "depth"})
+    (tmp_path / "data/shards").symlink_to(shards)
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    params.retrain.method, params.mixture.eval_sequences = "none", 2
+    copy_pruned(params)
+    copied, _, record = load_model("data/models/retrained")
+    assert record["method"] == "depth" and record["retrain"]["method"] == "none"
+    assert set(record["retrain"]["loss_after"]) == {"code", "prose"}
+    for (name, a), (_, b) in zip(copied.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
