@@ -163,7 +163,7 @@ class LoraParams:
 @dataclass
 class RetrainParams:
     method: Literal["none", "lora", "cpt"] = "lora"
-    tokens: int = field(default=200_000, metadata=_range(1))
+    tokens: int = field(default=65_536, metadata=_range(1))
     batch_size: int = field(default=4, metadata=_range(1))
     grad_accum: int = field(default=1, metadata=_range(1))
     seq_len: int = field(default=256, metadata=_range(8))
@@ -194,7 +194,7 @@ class SpeedParams:
 @dataclass
 class EvaluateParams:
     ppl_seq_lens: list[int] = field(default_factory=lambda: [128, 1024])
-    ppl_max_tokens: int = field(default=16_384, metadata=_range(1))  # per domain and length
+    ppl_max_tokens: int = field(default=8_192, metadata=_range(1))  # per domain and length
     batch_size: int = field(default=8, metadata=_range(1))
     tasks: list[str] = field(default_factory=lambda: ["shear_lastword", "shear_foldoc_mc"])
     task_limit: Optional[int] = field(default=100, metadata=_range(1))
