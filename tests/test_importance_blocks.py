@@ -12,14 +12,6 @@ from shear.prune.depth import blocks_removed, remove_blocks
 from tests.conftest import stdlib_texts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def text_rows(tokenizer, n_rows: int, seq_len: int) -> torch.Tensor:
     """Rows of real text (Python stdlib) tokenized with the tiny byte tokenizer (one byte per token)."""

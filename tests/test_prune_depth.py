@@ -14,14 +14,6 @@ from shear.prune.depth import (blocks_removed, blocks_to_remove, check_protected
                                remove_blocks, select_blocks)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_ratio_rounds_to_whole_blocks():
     assert blocks_to_remove(30, 30 * 1000, 0.2, None) == 6

@@ -17,14 +17,6 @@ SPEC = "layers=4,hidden=64,heads=4,kv_heads=2,mlp=128"
 TRAIN = dict(batch_size=2, lr_model=1e-4, lr_mask=1.0, lr_lambda=1.0, warmup_fraction=0.0, checkpoint_every=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def random_masks(model, seed=0, **changes):
     source = architecture(model.config)
