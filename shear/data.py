@@ -25,19 +25,27 @@ from shear.models import tokenizer_fingerprint
 SPLITS = ("train", "calib", "eval")
 
 
-def read_jsonl_texts(path: str | Path) -> list[str]:
-    """The `text` field of every line of a JSONL file."""
+def read_jsonl_docs(path: str | Path) -> list[dict]:
+    """Every JSON object of a JSONL file of documents (each has a string `text` field)."""
     path = Path(path)
-    texts = []
+    docs = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ShearError(f"{path}:{n}: corrupt line (expected JSON with a 'text' field)") from None
-    return texts
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                doc = None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise ShearError(f"{path}:{n}: corrupt line (expected JSON with a 'text' field)")
+            docs.append(doc)
+    return docs
+
+
+def read_jsonl_texts(path: str | Path) -> list[str]:
+    """The `text` field of every line of a JSONL file."""
+    return [doc["text"] for doc in read_jsonl_docs(path)]
 
 
 def split_documents(n_docs: int, calib_fraction: float, eval_fraction: float, seed: int) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from shear.data import read_jsonl_docs
 from shear.errors import ShearError
 
 # Task name -> the held-out domain its examples come from.
@@ -34,24 +35,6 @@ LASTWORD_MAX_WORDS = 150  # ... and stays short enough to batch
 FOLDOC_CHOICES = 4        # the definition and 3 distractors
 FOLDOC_MIN_WORDS = 5      # skip cross-references such as "See {foo}."
 FOLDOC_MAX_WORDS = 40
-
-
-def read_heldout(path: str | Path) -> list[dict]:
-    """Every JSON object of a held-out JSONL file (fields: text, source, license, optional title)."""
-    path = Path(path)
-    docs = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                doc = None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise ShearError(f"{path}:{n}: corrupt line (expected JSON with a 'text' field)")
-            docs.append(doc)
-    return docs
 
 
 def _sentences(paragraph: str) -> list[str]:
@@ -180,7 +163,7 @@ def write_tasks(tasks: list[str], heldout_dir: str | Path, out_dir: str | Path, 
                 f"params.yaml: evaluate.tasks has {name}, which needs {source} (held-out text of the corpus "
                 f"stage's {BUILTIN_TASKS[name]!r} domain); add that domain to corpus.domains or remove the task"
             )
-        examples = builders[name](read_heldout(source), seed)
+        examples = builders[name](read_jsonl_docs(source), seed)
         if not examples:
             raise ShearError(
                 f"{source}: no usable example for evaluate.tasks {name}; raise corpus.heldout_docs or remove the task"
