@@ -76,7 +76,9 @@ class ShardsParams:
 class DataParams:
     """Domain mixture used by the sheared pruning run and by retraining."""
 
-    mixture: Literal["fixed", "dynamic"] = "fixed"
+    # auto = dynamic when prune.method is sheared (Sheared-LLaMA prunes and continues
+    # pre-training with dynamic batch loading), fixed otherwise; see Params.mixture_kind
+    mixture: Literal["auto", "fixed", "dynamic"] = "auto"
     # initial (and, for `fixed`, constant) weights; empty = proportional to train tokens
     domain_weights: dict[str, float] = field(default_factory=dict)
 
@@ -212,6 +214,12 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def mixture_kind(self) -> str:
+        """`fixed` or `dynamic`: data.mixture with `auto` resolved by prune.method."""
+        if self.data.mixture != "auto":
+            return self.data.mixture
+        return "dynamic" if self.prune.method == "sheared" else "fixed"
 
 
 # ----------------------------------------------------------------------------- loading

@@ -2,8 +2,9 @@
 prune.target, then cut it to exactly that shape in data/models/pruned/.
 
 Checkpoints go to data/checkpoints/prune (a re-run with the same params resumes), DVCLive
-logs to reports/train/prune. With data.mixture=dynamic the domain weights follow each
-domain's held-out loss above the base model's (reports/eval/base/metrics.json).
+logs to reports/train/prune. With dynamic batch loading (data.mixture: auto or dynamic) the
+domain weights follow each domain's held-out loss above the base model's
+(reports/eval/base/metrics.json).
 """
 import dataclasses
 import time
@@ -29,15 +30,16 @@ def main(params, args):
     target = resolve_target(model.config, target_keys, p.target.align)
 
     domains = load_domains(SHARDS, "train", tokenizer)
-    dynamic = params.data.mixture == "dynamic"
+    kind = params.mixture_kind()
+    dynamic = kind == "dynamic"
     reference = reference_losses(BASE_METRICS, params.mixture.reference_loss, list(domains)) if dynamic else None
-    sampler = build_sampler(params.data.mixture, domains, s.seq_len, seed, params.data.domain_weights,
+    sampler = build_sampler(kind, domains, s.seq_len, seed, params.data.domain_weights,
                             reference, params.mixture.eta, params.mixture.smoothing)
     heldout = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences) if dynamic else None
 
     # Everything that defines the run: a checkpoint from any other run is not resumed.
     fingerprint = run_hash({
-        "sheared": dataclasses.asdict(s), "target": target, "data": dataclasses.asdict(params.data),
+        "sheared": dataclasses.asdict(s), "target": target, "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(params.mixture) if dynamic else None, "reference": reference,
         "seed": seed, "device": device.type, "base": read_json(f"{BASE}/shear.json"),
         "shards": load_manifest(SHARDS),
@@ -52,7 +54,7 @@ def main(params, args):
     if dynamic:
         plot_weights(sampler.history, Path(LOGS) / "mixture_weights.png", params.mixture.update_every)
     info = save_model(pruned, tokenizer, OUT, {
-        **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": params.data.mixture},
+        **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
         "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
     })
     after = info["parameters"]

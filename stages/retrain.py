@@ -106,10 +106,11 @@ def main(params, args):
     check_train_tokens(domains, p.seq_len, SHARDS)
     teacher = load_teacher(BASE, model, accelerator.device) if p.distill > 0 else None
 
-    dynamic = params.data.mixture == "dynamic"
+    kind = params.mixture_kind()
+    dynamic = kind == "dynamic"
     mx = params.mixture
     reference = reference_losses(BASE_METRICS, mx.reference_loss, list(domains), EVAL_SEQ_LEN) if dynamic else None
-    sampler = build_sampler(params.data.mixture, domains, p.seq_len, params.base.seed, params.data.domain_weights,
+    sampler = build_sampler(kind, domains, p.seq_len, params.base.seed, params.data.domain_weights,
                             reference, mx.eta, mx.smoothing)
     rows = heldout_rows(SHARDS, tokenizer, mx.eval_sequences, EVAL_SEQ_LEN)
     if p.method == "lora":
@@ -120,7 +121,7 @@ def main(params, args):
     settings = {
         "retrain": {k: v for k, v in dataclasses.asdict(p).items()
                     if k not in ("checkpoint_every", "eval_every", "num_processes")},
-        "data": dataclasses.asdict(params.data),
+        "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mx) if dynamic else None,
         "seed": params.base.seed,
         "world_size": accelerator.num_processes,
@@ -155,11 +156,11 @@ def save(params, trained, tokenizer, record, summary, sampler, live) -> None:
     summary |= {
         "distill": p.distill, "distill_temperature": p.distill_temperature, "lr": p.lr,
         "batch_size": p.batch_size, "seq_len": p.seq_len, "grad_accum": p.grad_accum,
-        "mixture": params.data.mixture,
+        "mixture": params.mixture_kind(),
     }
     if p.method == "lora":
         summary["lora"] = dataclasses.asdict(p.lora)
-    if params.data.mixture == "dynamic":
+    if summary["mixture"] == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
         plot_weights(sampler.history, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every)
     pruned = {k: v for k, v in record.items() if k not in ("architecture", "parameters")}

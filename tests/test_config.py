@@ -21,7 +21,7 @@ BAD = [
     ({"shards": {"calib_fraction": 0.6, "eval_fraction": 0.5}}, "shards.calib_fraction + shards.eval_fraction = 1.1 must be below 1"),
     ({"score": {"block_criteria": ["ppl", "psychic"]}}, "score.block_criteria has unknown criterion 'psychic'"),
     ({"corpus": {"domains": ["poetry"]}}, "corpus.domains has unknown domain 'poetry'"),
-    ({"data": {"mixture": "random"}}, "data.mixture='random' is not valid; choose one of fixed, dynamic"),
+    ({"data": {"mixture": "random"}}, "data.mixture='random' is not valid; choose one of auto, fixed, dynamic"),
     ({"retrain": {"betas": [0.9, 1.5]}}, "retrain.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     ({"evaluate": {"speed": {"batch_sizes": 4}}}, "evaluate.speed.batch_sizes=4 must be a list of an integer"),
     ({"base": {"device": "tpu"}}, "base.device='tpu' is not valid; choose one of auto, cpu, cuda"),
@@ -77,3 +77,12 @@ def test_stage_with_unknown_source_writes_nothing(tmp_path, monkeypatch, capsys)
         run_stage(base.__doc__, base.main)
     assert "base.source='zip:model' is not valid" in capsys.readouterr().err
     assert not (tmp_path / "data" / "models" / "base").exists()
+
+
+@pytest.mark.parametrize("mixture, method, kind", [
+    ("auto", "sheared", "dynamic"), ("auto", "depth", "fixed"), ("auto", "width", "fixed"),
+    ("fixed", "sheared", "fixed"), ("dynamic", "depth", "dynamic"),
+])
+def test_auto_mixture_is_dynamic_only_for_sheared(mixture, method, kind):
+    params = parse_params({"data": {"mixture": mixture}, "prune": {"method": method}})
+    assert params.mixture_kind() == kind
