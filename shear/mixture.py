@@ -116,6 +116,7 @@ class DynamicDomainSampler(DomainSampler):
         self.reference = {d: float(reference[d]) for d in self.domains}
         self.eta = eta
         self.smoothing = smoothing
+        self.initial_weights = dict(self.weights)  # step 0 of the weight trajectory
         self.history: list[dict] = []
 
     def update(self, losses: dict[str, float]) -> dict[str, float]:
@@ -238,8 +239,10 @@ def log_mixture(live, sampler: DomainSampler, losses: dict[str, float], step: in
     live.step = previous
 
 
-def plot_weights(history: list[dict], path: str | Path, update_every: int = 1) -> Path:
-    """A PNG of each domain's weight over the updates (x = optimizer step when `update_every` is given)."""
+def plot_weights(history: list[dict], path: str | Path, update_every: int = 1,
+                 initial: Optional[dict[str, float]] = None) -> Path:
+    """A PNG of each domain's weight over the updates (x = optimizer step when `update_every` is given),
+    starting from the `initial` weights at step 0 when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,9 +250,11 @@ def plot_weights(history: list[dict], path: str | Path, update_every: int = 1) -
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if history:
-        steps = [update_every * (i + 1) for i in range(len(history))]
+        points = ([{"weights": initial}] if initial else []) + history
+        first = 0 if initial else 1
+        steps = [update_every * (i + first) for i in range(len(points))]
         for d in history[0]["weights"]:
-            ax.plot(steps, [h["weights"][d] for h in history], label=d)
+            ax.plot(steps, [h["weights"][d] for h in points], label=d)
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no mixture updates", ha="center", va="center", transform=ax.transAxes)

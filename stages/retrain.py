@@ -162,7 +162,8 @@ def save(params, trained, tokenizer, record, summary, sampler, live) -> None:
         summary["lora"] = dataclasses.asdict(p.lora)
     if summary["mixture"] == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
-        plot_weights(sampler.history, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every)
+        plot_weights(sampler.history, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every,
+                     initial=sampler.initial_weights)
     pruned = {k: v for k, v in record.items() if k not in ("architecture", "parameters")}
     save_model(trained, tokenizer, OUT, {**pruned, "retrain": summary})
     live.end()

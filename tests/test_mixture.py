@@ -183,5 +183,6 @@ def test_log_mixture_and_plot(tmp_path):
     assert [r.split("\t")[0] for r in tsv[1:]] == ["10", "20"]
     assert float(tsv[2].split("\t")[1]) == pytest.approx(s.weights["a"])
     assert (tmp_path / "live" / "plots" / "metrics" / "mixture" / "loss" / "c.tsv").is_file()
-    png = plot_weights(s.history, tmp_path / "weights.png", update_every=10)
+    assert s.initial_weights != s.weights  # two updates moved the mixture away from where it started
+    png = plot_weights(s.history, tmp_path / "weights.png", update_every=10, initial=s.initial_weights)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
