@@ -196,6 +196,29 @@ def test_experiments_from_exp_show():
     assert runs[2]["metrics"]["reports/eval/retrained/metrics.json"]["ppl"]["128"]["mean"] == 22.8
 
 
+def test_all_commits_lists_repeated_results_once():
+    exp_show = json.loads(EXP_SHOW)
+    commit = next(entry for entry in exp_show if entry.get("experiments"))
+    # --all-commits: an older commit with the same params and results, and an experiment of its own
+    older = json.loads(json.dumps(commit)) | {"rev": "0123456789abcdef", "name": None}
+    exp_show.append(older)
+    names = [r["name"] for r in experiments(exp_show)]
+    assert names.count("master") == 1 and "0123456" not in names
+    assert names.count("r20cpt") == 2  # the older commit's experiments are still listed
+
+
+def test_running_experiment_is_left_out():
+    exp_show = json.loads(EXP_SHOW)
+    commit = next(entry for entry in exp_show if entry.get("experiments"))
+    r10 = next(exp for exp in commit["experiments"] if exp["name"] == "r10")
+    # While it runs, an experiment's row carries its baseline's metrics: they are not its own.
+    r10["executor"]["state"] = "running"
+    r10["revs"][0]["data"]["metrics"] = commit["data"]["metrics"]
+    assert "r10" not in [r["name"] for r in experiments(exp_show)]
+    r10["executor"]["state"] = "success"
+    assert "r10" in [r["name"] for r in experiments(exp_show)]
+
+
 def test_comparison_and_fronts():
     keys, rows = comparison(experiments(json.loads(EXP_SHOW)), "retrained", "128")
     assert keys == ["prune.ratio", "retrain.method"]  # retrain.tokens and prune.method are the same everywhere
