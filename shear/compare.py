@@ -69,23 +69,24 @@ def _params(data: dict) -> dict:
 
 
 def experiments(exp_json: list) -> list[dict]:
-    """Runs in `dvc exp show --json`: [{"name", "rev", "params", "metrics", "commit"}], workspace first.
+    """Runs in `dvc exp show --json`: [{"name", "rev", "params", "metrics"}], workspace first.
 
     The workspace is left out when it holds exactly the results of a commit or experiment
     (after `dvc exp run` it holds the last experiment's); queued, running and failed
     experiments are left out too (a running one shows its baseline's metrics until it ends).
     """
-    runs = []
+    runs, commit_results = [], []
     for entry in exp_json:
         data = entry.get("data") or {}
         workspace = entry["rev"] == "workspace"
         params, metrics = _params(data), _metrics(data)
         # With --all-commits, older commits with the same params and results as a newer one are
         # listed once (as the newest); their experiments are still listed.
-        if workspace or not any(r["params"] == params and r["metrics"] == metrics and r["commit"] for r in runs):
+        if workspace or (params, metrics) not in commit_results:
             runs.append({"name": "workspace" if workspace else entry.get("name") or entry["rev"][:7],
-                         "rev": "" if workspace else entry["rev"][:7], "params": params, "metrics": metrics,
-                         "commit": not workspace})
+                         "rev": "" if workspace else entry["rev"][:7], "params": params, "metrics": metrics})
+        if not workspace:
+            commit_results.append((params, metrics))
         for exp in entry.get("experiments") or []:
             if (exp.get("executor") or {}).get("state") in ("queued", "running", "failed"):
                 continue
@@ -94,7 +95,7 @@ def experiments(exp_json: list) -> list[dict]:
                     continue
                 d = rev.get("data") or {}
                 runs.append({"name": rev.get("name") or exp.get("name") or rev["rev"][:7], "rev": rev["rev"][:7],
-                             "params": _params(d), "metrics": _metrics(d), "commit": False})
+                             "params": _params(d), "metrics": _metrics(d)})
     if runs and runs[0]["name"] == "workspace":
         ws = runs[0]
         if any(r["params"] == ws["params"] and r["metrics"] == ws["metrics"] for r in runs[1:]):

@@ -239,22 +239,20 @@ def log_mixture(live, sampler: DomainSampler, losses: dict[str, float], step: in
     live.step = previous
 
 
-def plot_weights(history: list[dict], path: str | Path, update_every: int = 1,
-                 initial: Optional[dict[str, float]] = None) -> Path:
-    """A PNG of each domain's weight over the updates (x = optimizer step when `update_every` is given),
-    starting from the `initial` weights at step 0 when given."""
+def plot_weights(sampler: DynamicDomainSampler, path: str | Path, update_every: int = 1) -> Path:
+    """A PNG of each domain's weight from its initial value (step 0) over the sampler's updates
+    (x = optimizer step when `update_every` is given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    if history:
-        points = ([{"weights": initial}] if initial else []) + history
-        first = 0 if initial else 1
-        steps = [update_every * (i + first) for i in range(len(points))]
-        for d in history[0]["weights"]:
-            ax.plot(steps, [h["weights"][d] for h in points], label=d)
+    if sampler.history:
+        trajectory = [sampler.initial_weights] + [h["weights"] for h in sampler.history]
+        steps = [update_every * i for i in range(len(trajectory))]
+        for d in sampler.domains:
+            ax.plot(steps, [w[d] for w in trajectory], label=d)
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no mixture updates", ha="center", va="center", transform=ax.transAxes)

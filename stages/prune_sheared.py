@@ -52,8 +52,7 @@ def main(params, args):
         log_dir=LOGS, fingerprint=fingerprint, device=device, seed=seed, heldout=heldout,
         update_every=params.mixture.update_every)
     if dynamic:
-        plot_weights(sampler.history, Path(LOGS) / "mixture_weights.png", params.mixture.update_every,
-                     initial=sampler.initial_weights)
+        plot_weights(sampler, Path(LOGS) / "mixture_weights.png", params.mixture.update_every)
     info = save_model(pruned, tokenizer, OUT, {
         **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
         "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),

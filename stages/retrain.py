@@ -145,25 +145,24 @@ def main(params, args):
         run_id=run_id, resume=resume, seed=params.base.seed,
     )
     if is_main:
-        save(params, trained, tokenizer, record, summary, sampler, live)
+        save(params, kind, trained, tokenizer, record, summary, sampler, live)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def save(params, trained, tokenizer, record, summary, sampler, live) -> None:
+def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> None:
     """Rank 0: the retrained model with what was done in its shear.json, the mixture plot, the logs."""
     p, mx = params.retrain, params.mixture
     summary |= {
         "distill": p.distill, "distill_temperature": p.distill_temperature, "lr": p.lr,
         "batch_size": p.batch_size, "seq_len": p.seq_len, "grad_accum": p.grad_accum,
-        "mixture": params.mixture_kind(),
+        "mixture": kind,
     }
     if p.method == "lora":
         summary["lora"] = dataclasses.asdict(p.lora)
-    if summary["mixture"] == "dynamic":
+    if kind == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
-        plot_weights(sampler.history, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every,
-                     initial=sampler.initial_weights)
+        plot_weights(sampler, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every)
     pruned = {k: v for k, v in record.items() if k not in ("architecture", "parameters")}
     save_model(trained, tokenizer, OUT, {**pruned, "retrain": summary})
     live.end()

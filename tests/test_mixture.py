@@ -184,5 +184,5 @@ def test_log_mixture_and_plot(tmp_path):
     assert float(tsv[2].split("\t")[1]) == pytest.approx(s.weights["a"])
     assert (tmp_path / "live" / "plots" / "metrics" / "mixture" / "loss" / "c.tsv").is_file()
     assert s.initial_weights != s.weights  # two updates moved the mixture away from where it started
-    png = plot_weights(s.history, tmp_path / "weights.png", update_every=10, initial=s.initial_weights)
+    png = plot_weights(s, tmp_path / "weights.png", update_every=10)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
