@@ -6,6 +6,7 @@ sees a partial file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -66,3 +67,20 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShearError(f"{path}: corrupt JSON ({e.__class__.__name__}: {e}); delete it and re-run its stage") from None
+
+
+def run_hash(definition: dict[str, Any]) -> str:
+    """A short hash of everything that defines a training run (params, start model, data):
+    a checkpoint whose hash differs belongs to another run and is not resumed."""
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def trim_logs(live_dir: str | Path, step: int) -> None:
+    """Drop DVCLive rows logged after `step` (by a run killed after its last checkpoint) before resuming."""
+    for tsv in Path(live_dir, "plots", "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        if not lines:
+            continue
+        col = lines[0].split("\t").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
+        tsv.write_text("\n".join(kept) + "\n")

@@ -25,7 +25,6 @@ learning-rate schedule is a function of the step, so the step is all of its stat
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import math
@@ -41,6 +40,7 @@ from shear import mixture
 from shear.distill import retrain_loss
 from shear.errors import ShearError
 from shear.io import atomic_dir, read_json
+from shear.models import pick_device
 
 FINAL_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate (LLaMA's schedule)
 
@@ -143,9 +143,7 @@ def make_accelerator(device: str = "auto"):
     """An `accelerate.Accelerator` for `base.device`: bf16 autocast on CUDA, gloo processes on CPU."""
     from accelerate import Accelerator
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ShearError("params.yaml: base.device=cuda but no CUDA device is visible; use auto or cpu")
-    cuda = device != "cpu" and torch.cuda.is_available()
+    cuda = pick_device(device).type == "cuda"
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
 
 
@@ -161,11 +159,6 @@ def model_digest(directory: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def run_hash(settings: dict[str, Any]) -> str:
-    """A short hash of everything that defines a run's weights (params, start model, data, world size)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_checkpoint(directory: str | Path, expected_hash: str, announce: bool = True) -> Optional[dict]:
@@ -224,16 +217,6 @@ def _load_checkpoint(accelerator, state: dict, model, optimizer, sampler) -> Non
                    options=StateDictOptions(full_state_dict=True, strict=False))
     sampler.load_state_dict(state["sampler"])
     _set_rng_state(state["rng"][accelerator.process_index])
-
-
-def trim_logs(live_dir: str | Path, step: int) -> None:
-    """Drop DVCLive rows logged after `step` (by a run killed after its last checkpoint) before resuming."""
-    for path in Path(live_dir, "plots", "metrics").rglob("*.tsv"):
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-        keep = rows[:1] + [r for r in rows[1:] if int(r[rows[0].index("step")]) <= step]
-        with open(path, "w", newline="") as f:
-            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(keep)
 
 
 # ----------------------------------------------------------------------------- the loop

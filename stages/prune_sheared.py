@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from shear.data import load_domains, load_manifest
-from shear.io import read_json
+from shear.io import read_json, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
 from shear.models import count_parameters, load_model, pick_device, save_model
 from shear.prune.shapes import resolve_target
-from shear.prune.sheared import prune_sheared, run_hash
+from shear.prune.sheared import prune_sheared
 
 BASE, SHARDS, BASE_METRICS = "data/models/base", "data/shards", "reports/eval/base/metrics.json"
 OUT, CHECKPOINTS, LOGS = "data/models/pruned", "data/checkpoints/prune", "reports/train/prune"

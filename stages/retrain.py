@@ -35,15 +35,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
-from shear.io import atomic_dir, write_json
+from shear.io import atomic_dir, run_hash, trim_logs, write_json
 from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
-from shear.models import load_model, save_model
+from shear.models import load_model, pick_device, save_model
 from shear.train import (apply_lora, check_train_tokens, load_teacher, make_accelerator, model_digest,
-                         read_checkpoint, require_teacher, run_hash, steps_for_budget, train, trim_logs)
+                         read_checkpoint, require_teacher, steps_for_budget, train)
 
 PRUNED, BASE, SHARDS = "data/models/pruned", "data/models/base", "data/shards"
 OUT, CHECKPOINTS, LOGS = "data/models/retrained", "data/checkpoints/retrain", "reports/train/retrain"
@@ -55,7 +54,7 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accel
 def relaunch(params, args) -> int:
     """Run this stage again under `accelerate launch` with retrain.num_processes processes."""
     p = params.retrain
-    fsdp = p.method == "cpt" and params.base.device != "cpu" and torch.cuda.is_available()
+    fsdp = p.method == "cpt" and pick_device(params.base.device).type == "cuda"
     with socket.socket() as s:  # a free port, so two runs on one machine do not collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -163,8 +162,7 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
     if kind == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
         plot_weights(sampler, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every)
-    pruned = {k: v for k, v in record.items() if k not in ("architecture", "parameters")}
-    save_model(trained, tokenizer, OUT, {**pruned, "retrain": summary})
+    save_model(trained, tokenizer, OUT, {**record, "retrain": summary})  # architecture and counts are refreshed
     live.end()
     before, after = summary["loss_before"], summary["loss_after"]
     print(f"retrain: {p.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "

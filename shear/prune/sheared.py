@@ -18,8 +18,6 @@ schedule for all groups (linear warm-up over the first 10% of steps, then cosine
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -28,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from shear.errors import ShearError
-from shear.io import atomic_file
+from shear.io import atomic_file, trim_logs
 from shear.prune.l0 import L0Masks
 
 BETAS = (0.9, 0.95)
@@ -165,22 +163,6 @@ def train_step(model, masks: L0Masks, hooks: MaskHooks, optimizer, batch: torch.
 # ----------------------------------------------------------------------------- training run
 
 
-def run_hash(definition: dict) -> str:
-    """A short hash of everything that defines a run (params, base model, shards)."""
-    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _truncate_logs(log_dir: Path, step: int) -> None:
-    """Drop DVCLive rows logged after `step` (by a run that died after its last checkpoint)."""
-    for tsv in (log_dir / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines()
-        if not lines:
-            continue
-        col = lines[0].split("\t").index("step")
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
-        tsv.write_text("\n".join(kept) + "\n")
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
     with atomic_file(path, "wb") as f:
         torch.save(state, f)
@@ -250,7 +232,7 @@ def train_masks(model, masks: L0Masks, sampler, *, steps: int, batch_size: int, 
         generator.set_state(state["rng"]["masks"])
         torch.set_rng_state(state["rng"]["torch"])
         start, last = state["step"], state["last"]
-        _truncate_logs(log_dir, start)
+        trim_logs(log_dir, start)
         print(f"sheared: resuming from {checkpoint} at step {start}/{steps}")
     elif state is not None:
         print(f"sheared: {checkpoint} belongs to another run (params changed); starting afresh")
