@@ -15,35 +15,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from tqdm import tqdm
 
 from shear.importance.blocks import nll_sum, ppl_scores, ppl_scores_loop
 from shear.io import atomic_file, write_json
+from shear.speed import machine_info
 from shear.models import offline
 from shear.prune.depth import blocks_removed
 
 RESULTS = Path("bench/results")
-
-
-def machine() -> dict:
-    """Where the numbers come from."""
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 @torch.no_grad()
@@ -132,12 +116,12 @@ def llama2_7b_shape():
 
 
 def write_results(runs: list[dict]) -> None:
-    info = machine()
+    info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
     write_json(RESULTS / "score_speed.json", {"machine": info, "runs": runs})
     lines = [
         "# PPL block scoring: fast (cached prefixes) vs straightforward loops",
         "",
-        f"Machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads, "
+        f"Machine: {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads, "
         f"load average {info['load_average'][0]:.1f})" + (f", GPU {info['gpu']}" if "gpu" in info else "")
         + f"; torch {info['torch']}, transformers {info['transformers']}.",
         "",

@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from shear.config import LoraParams
 from shear.distill import retrain_loss
 from shear.io import atomic_file, write_json
+from shear.speed import machine_info
 from shear.models import count_parameters, offline
 from shear.train import apply_lora, make_optimizer, to_device
 
@@ -41,21 +39,6 @@ RESULTS = Path("bench/results")
 # Dense bf16 tensor-core peaks (FLOP/s) by GPU name; checked in order, first match wins.
 GPU_PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
-
-
-def machine() -> dict:
-    """Where the numbers come from."""
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def gpu_peak(name: str) -> float | None:
@@ -196,13 +179,13 @@ def case(name, template, batch, seq_len, device, args, peak) -> list[dict]:
 
 
 def write_results(rows: list[dict], suffix: str, args) -> None:
-    info = machine()
+    info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
     write_json(RESULTS / f"train_speed_{suffix}.json",
                {"machine": info, "steps": args.steps, "warmup": args.warmup, "compile": args.compile, "runs": rows})
     lines = [
         "# Training step speed: shear's step vs the plain one",
         "",
-        f"Machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads, "
+        f"Machine: {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads, "
         f"load average {info['load_average'][0]:.1f})" + (f", GPU {info['gpu']}" if "gpu" in info else "")
         + f"; torch {info['torch']}, transformers {info['transformers']}. "
         f"{args.steps} timed steps after {args.warmup} warm-up steps" + (", torch.compile" if args.compile else "") + ".",

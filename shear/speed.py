@@ -61,6 +61,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),  # CPU figures taken beside other work read slower
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
