@@ -8,14 +8,14 @@ from pathlib import Path
 
 from shear.data import calibration_batch
 from shear.errors import ShearError
-from shear.importance.blocks import score_blocks
+from shear.importance.blocks import block_scores
 from shear.io import read_json
 from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
 from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
                                select_blocks, target_setting)
 
 BASE, SHARDS, SCORES = "data/models/base", "data/shards", Path("reports/scores")
-OUT, OTHER_OUTS = "data/models/pruned", ("data/checkpoints/prune", "reports/train/prune")
+OUT = "data/models/pruned"
 
 
 def main(params, args):
@@ -41,7 +41,7 @@ def main(params, args):
         base = p.criterion.rstrip("+")  # protection is applied by original index below
 
         def rescore(m, k):
-            return score_blocks(m, calib, base, n=k, batch_size=s.batch_size, seed=params.base.seed)["scores"]
+            return block_scores(m, calib, base, n=k, batch_size=s.batch_size, seed=params.base.seed)[0]
 
         removed, steps = prune_iterative(model, n, record["scores"], rescore, protected)
 
@@ -56,8 +56,6 @@ def main(params, args):
         **({"removal_steps": steps} if steps is not None else {}),
         "parameters_before": before,
     })
-    for d in OTHER_OUTS:  # declared outs of the prune stage that depth pruning leaves empty
-        Path(d).mkdir(parents=True, exist_ok=True)
     after = info["parameters"]
     print(f"prune: depth/{p.criterion}/{p.mode} removed blocks {removed} of {L}: "
           f"{before['total']:,} -> {after['total']:,} parameters")

@@ -14,7 +14,7 @@ from shear.prune.shapes import resolve_target, source_shape
 from shear.prune.width import width_prune
 
 BASE, SCORES = "data/models/base", Path("reports/scores")
-OUT, OTHER_OUTS = "data/models/pruned", ("data/checkpoints/prune", "reports/train/prune")
+OUT = "data/models/pruned"
 
 
 def main(params, args):
@@ -46,8 +46,6 @@ def main(params, args):
         "requested_target": {k: v for k, v in target_keys.items() if v is not None},
         "parameters_before": before,
     })
-    for d in OTHER_OUTS:  # declared outs of the prune stage that one-shot width pruning leaves empty
-        Path(d).mkdir(parents=True, exist_ok=True)
     after = info["parameters"]
     dropped = f", dropped layers {record['removed_layers']}" if record["removed_layers"] else ""
     print(f"prune: width/{p.width_criterion} -> {', '.join(f'{k}={v}' for k, v in target.items())}{dropped}: "

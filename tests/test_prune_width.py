@@ -147,7 +147,7 @@ def test_prune_width_stage(tmp_path, monkeypatch):
     from shear.config import parse_params
     from shear.importance.width import write_width_scores
     from shear.models import load_model
-    from stages import prune_width
+    from stages import prune
 
     model, tok = make_model()
     monkeypatch.chdir(tmp_path)
@@ -156,7 +156,7 @@ def test_prune_width_stage(tmp_path, monkeypatch):
     budget = shape_parameters(source_shape(model.config), 0, True)["non_embedding"] // 2
     params = parse_params({"prune": {"method": "width", "width_criterion": "magnitude",
                                      "target": {"params": budget, "align": 8}}})
-    prune_width.main(params, None)
+    prune.main(params, None)  # the stage: dispatches to stages/prune_width.py
     pruned, _, record = load_model("data/models/pruned")
     assert record["method"] == "width" and record["criterion"] == "magnitude"
     assert source_shape(pruned.config) == record["target_shape"]

@@ -215,9 +215,10 @@ def random_scores(num_layers: int, seed: int) -> list[float]:
     return torch.rand(num_layers, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
 
 
-def score_blocks(model, calib: torch.Tensor, criterion: str, *, n: int, batch_size: int,
-                 keep_first: int = 4, keep_last: int = 2, seed: int = 0, memo: dict | None = None) -> dict:
-    """Score every block by `criterion`; the record written to reports/scores/block_<criterion>.json.
+def block_scores(model, calib: torch.Tensor, criterion: str, *, n: int, batch_size: int, seed: int = 0,
+                 memo: dict | None = None) -> tuple[list[float], dict]:
+    """Every block's score by `criterion` (a `+` variant scores as its base), and the criterion's
+    extras for the record (angular's span, sleb's removal order).
 
     `n` is the number of blocks that will be removed (angular's span length, sleb's steps).
     `memo` (optional) keeps scores already computed on this model and data so that
@@ -228,7 +229,7 @@ def score_blocks(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
     L = model.config.num_hidden_layers
     base = criterion.rstrip("+")
     memo = {} if memo is None else memo
-    record = {"criterion": criterion}
+    record = {}
     if base in memo:
         scores = memo[base]
     elif base == "ppl":
@@ -247,6 +248,21 @@ def score_blocks(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
         scores = random_scores(L, seed)
     if base in ("ppl", "taylor"):
         memo[base] = scores
+    return scores, record
+
+
+def score_blocks(model, calib: torch.Tensor, criterion: str, *, n: int, batch_size: int,
+                 keep_first: int = 4, keep_last: int = 2, seed: int = 0, memo: dict | None = None) -> dict:
+    """Score every block by `criterion`; the record written to reports/scores/block_<criterion>.json.
+
+    Arguments as `block_scores`; the record adds the unpruned perplexity (ppl and sleb, for
+    the plot), the blocks `keep_first`/`keep_last` protect and the calibration size.
+    """
+    L = model.config.num_hidden_layers
+    base = criterion.rstrip("+")
+    memo = {} if memo is None else memo
+    scores, extras = block_scores(model, calib, criterion, n=n, batch_size=batch_size, seed=seed, memo=memo)
+    record = {"criterion": criterion, **extras}
     if base in ("ppl", "sleb"):
         if "unpruned_ppl" not in memo:
             memo["unpruned_ppl"] = unpruned_ppl(model, calib, batch_size)

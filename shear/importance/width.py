@@ -29,18 +29,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shear.config import WIDTH_CRITERIA
 from shear.errors import ShearError
 from shear.io import atomic_file, read_json, write_json
+from shear.models import head_dim
 from shear.prune.shapes import source_shape
 
-CRITERIA = ("activation", "taylor", "magnitude")
 SCORE_KEYS = ("heads", "kv_heads", "mlp", "hidden", "hidden_layers", "layers")
 
 
 def _dims(model) -> tuple[int, int, int, int, int, int]:
     c = model.config
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, hd, c.intermediate_size, c.hidden_size
+    return c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, head_dim(c), c.intermediate_size, c.hidden_size
 
 
 def _group_sum(heads: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -178,7 +178,7 @@ def width_scores(model, calib: torch.Tensor, criterion: str, batch_size: int) ->
     if criterion == "magnitude":
         return magnitude_scores(model)
     raise ShearError(f"params.yaml: score.width_criteria has unknown criterion {criterion!r}; "
-                     f"valid: {', '.join(CRITERIA)}")
+                     f"valid: {', '.join(WIDTH_CRITERIA)}")
 
 
 def _rounded(t: torch.Tensor):

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from shear.errors import ShearError
+from shear.prune.shapes import SHAPE_KEYS
 
 # Hard-concrete constants of the reference code.
 STRETCH = (-0.1, 1.1)
@@ -45,8 +46,6 @@ LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
 SCORE_SHARPNESS = 0.8
 
 MASK_TYPES = ("layer", "head", "kv_head", "mlp", "hidden")
-SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-              "intermediate_size", "head_dim")
 
 
 class HardConcrete(nn.Module):

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from shear.models import head_dim
 from shear.prune.depth import remove_blocks
 from shear.prune.shapes import source_shape
 
@@ -85,7 +86,7 @@ def slice_model(model, keep: dict):
     the source's. Updates the config (explicit head_dim) and renumbers `layer_idx`.
     """
     config = model.config
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hd = head_dim(config)
     if keep.get("layers") is not None:
         layers = sorted(keep["layers"])
         remove_blocks(model, [i for i in range(config.num_hidden_layers) if i not in set(layers)])
