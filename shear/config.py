@@ -49,6 +49,7 @@ class UserSource:
     text_field: str = "text"
     license: str = "unknown"
     split: str = "train"  # for format=hf
+    encoding: str = "utf-8"  # for format=text and jsonl: files are decoded strictly in it
 
 
 @dataclass

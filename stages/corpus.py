@@ -1,21 +1,44 @@
 """Stage `corpus`: text per domain -> data/raw/<domain>.jsonl, data/heldout/<domain>.jsonl, reports/corpus.json."""
 import dataclasses
+from pathlib import Path
 
-from shear.corpus import collect_documents, select_documents, write_jsonl
+import yaml
+
+from shear.corpus.select import select_documents, write_jsonl
+from shear.corpus.sources import collect_documents, provenance
+from shear.corpus.user import untracked_sources
+from shear.errors import ShearError
 from shear.io import atomic_dir, write_json
 
 RAW, HELDOUT, REPORT = "data/raw", "data/heldout", "reports/corpus.json"
 
 
+def check_tracked(user_sources: list[dict], dvc_yaml: Path = Path("dvc.yaml")) -> None:
+    """Refuse user files that dvc.yaml does not list as deps of this stage: DVC could not
+    see them change, and data/raw would go stale while `dvc status` said "up to date"."""
+    if not dvc_yaml.is_file():  # run outside a DVC project: nothing to keep up to date
+        return
+    deps = (yaml.safe_load(dvc_yaml.read_text()).get("stages", {}).get("corpus") or {}).get("deps", [])
+    missing = untracked_sources(user_sources, deps)
+    if missing:
+        which = ", ".join(f"[{i}]" for i, _ in missing)
+        paths = ", ".join(dict.fromkeys(path for _, path in missing))
+        raise ShearError(f"corpus.user_sources{which}.path: add {paths} to the deps of stage corpus in {dvc_yaml}, "
+                         "so that `dvc repro` re-runs the corpus when these files change")
+
+
 def main(params, args):
     c = params.corpus
-    by_domain = collect_documents(c.domains, [dataclasses.asdict(s) for s in c.user_sources])
+    user_sources = [dataclasses.asdict(s) for s in c.user_sources]
+    check_tracked(user_sources)
+    by_domain = collect_documents(c.domains, user_sources)
     raw, heldout, report = select_documents(by_domain, c.max_chars_per_domain, c.min_doc_chars,
                                             c.heldout_docs, params.base.seed)
+    report["provenance"] = provenance(c.domains, user_sources)
     with atomic_dir(RAW) as raw_tmp, atomic_dir(HELDOUT) as heldout_tmp:
-        for domain in raw:
-            write_jsonl(raw_tmp / f"{domain}.jsonl", raw[domain])
-            write_jsonl(heldout_tmp / f"{domain}.jsonl", heldout[domain])
+        for domain, stats in report["domains"].items():
+            stats["raw_sha256"] = write_jsonl(raw_tmp / f"{domain}.jsonl", raw[domain])
+            stats["heldout_sha256"] = write_jsonl(heldout_tmp / f"{domain}.jsonl", heldout[domain])
     write_json(REPORT, report)
     for domain, s in report["domains"].items():
         print(f"corpus: {domain:14s} {s['documents']:6,} documents {s['characters']:11,} characters "
