@@ -1,207 +1,51 @@
-"""Corpus readers, user sources, cleaning/dedup/cap/held-out selection and the corpus stage.
+"""The corpus as a whole: the domain table, provenance, the stage, its bad inputs, and
+staleness under a real DVC repository. Each module of shear/corpus/ has its own
+tests/test_corpus_<module>.py.
 
 No Debian package is needed: the tests write small files in each source's format
-(an R lazy-load database, a dictd dictionary, a man page, ...) or use the Python stdlib.
+or use the Python stdlib.
 """
 from __future__ import annotations
 
-import gzip
+import dataclasses
+import hashlib
 import json
+import os
+import platform
 import shutil
-import struct
-import sysconfig
-import zlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from shear import corpus
 from shear.config import CorpusParams, Params, UserSource
+from shear.corpus import sources
+from shear.corpus.books import read_books
+from shear.corpus.debian import installed_versions
+from shear.corpus.faq import read_qa
+from shear.corpus.foldoc import read_foldoc
+from shear.corpus.manpages import read_man_pages
+from shear.corpus.pdf import read_derivations
+from shear.corpus.rst import read_python_docs
+from shear.corpus.stdlib import stdlib_root
 from shear.errors import ShearError
+from tests.conftest import REPO
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-def texts(docs):
-    return [d["text"] for d in docs]
+STDLIB = stdlib_root()
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def test_split_long_keeps_paragraphs_and_bounds_size():
-    paras = [f"paragraph {i} " + " ".join(["word"] * 150) for i in range(20)]  # ~760 chars each
-    chunks = corpus.split_long("\n\n".join(paras), 4000)
-    assert all(len(c) <= 4000 for c in chunks) and len(chunks) >= 4
-    assert [p for c in chunks for p in c.split("\n\n")] == paras  # nothing lost or cut inside a paragraph
-    one_line = corpus.split_long("x" * 9000, 4000)
-    assert "".join(one_line) == "x" * 9000 and max(map(len, one_line)) <= 4000
-
-
-def test_normalise():
-    assert corpus.normalise("a \r\nb\xa0c\x00\n\n\n\n  d  \n") == "a\nb c\n\n  d"
-
-
-# ----------------------------------------------------------------------------- built-in readers
-
-
-def test_stdlib_code_reader(tmp_path):
-    docs = corpus.read_stdlib_code(STDLIB / "json")
-    titles = {d["title"].split(" (")[0] for d in docs}
-    assert {"decoder.py", "encoder.py", "__init__.py"} <= titles
-    assert all(d["source"] == "python-stdlib" and d["license"] == "PSF-2.0" for d in docs)
-    assert all(len(d["text"]) <= 2 * corpus.DOC_CHARS for d in docs)
-    # test suites, third-party packages and huge generated files are skipped
-    for rel in ("pkg/mod.py", "pkg/tests/test_mod.py", "site-packages/x.py", "pkg/big.py"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text("x = 1\n" * (50_000 if "big" in rel else 20))
-    assert [d["title"] for d in corpus.read_stdlib_code(tmp_path)] == ["pkg/mod.py (1)"]
-
-
-def _r_int(*values):
-    return b"".join(struct.pack(">i", v) for v in values)
-
-
-def _r_chars(s):
-    b = s.encode()
-    return _r_int(9 | (8 << 12), len(b)) + b  # CHARSXP, UTF-8
-
-
-def _r_strings(values):
-    return _r_int(16, len(values)) + b"".join(_r_chars(v) for v in values)  # STRSXP
-
-
-def _r_named_list(items):
-    """VECSXP with a names attribute (pairlist: LISTSXP with tag `names`, then NILVALUE)."""
-    body = _r_int(19 | (1 << 9), len(items)) + b"".join(v for _, v in items)
-    return body + _r_int(2 | (1 << 10), 1) + _r_chars("names") + _r_strings([k for k, _ in items]) + _r_int(254)
-
-
-def _r_serialize(obj):
-    return b"X\n" + _r_int(2, 0x040200, 0x020300) + obj  # XDR, format version 2
-
-
-def write_rdata(root: Path, books: dict[str, list[str]]) -> None:
-    """An R package's data/Rdata.rdb + Rdata.rdx holding character vectors."""
-    blob, variables = b"", []
-    for name, lines in books.items():
-        record = _r_serialize(_r_strings(lines))
-        packed = struct.pack(">I", len(record)) + zlib.compress(record)
-        variables.append((name, _r_int(13, 2, len(blob), len(packed))))  # INTSXP (offset, length)
-        blob += packed
-    index = _r_named_list([("variables", _r_named_list(variables)), ("references", _r_int(19, 0)),
-                           ("compressed", _r_int(10, 1, 1))])
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "Rdata.rdb").write_bytes(blob)
-    (root / "Rdata.rdx").write_bytes(gzip.compress(_r_serialize(index)))
-
-
-def test_books_from_r_lazyload(tmp_path):
-    para = ["It is a truth universally acknowledged, that a single man in possession",
-            "of a good fortune, must be in want of a wife.", ""]
-    lines = ["PERSUASION", "", "by Jane Austen", "", "VOLUME I", "", "CHAPTER I", ""] + para * 60 \
-        + ["CHAPTER II", ""] + para * 2 + ["VOLUME II", "CHAPTER I", ""] + para
-    write_rdata(tmp_path, {"persuasion": lines, "emma": ["Chapter 1", "", "Emma Woodhouse, handsome."]})
-    objects = corpus.read_r_lazyload(tmp_path / "Rdata.rdb", tmp_path / "Rdata.rdx")
-    assert list(objects["persuasion"]) == lines
-    docs = corpus.read_books(tmp_path)
-    titles = [d["title"] for d in docs]
-    assert titles[0] == "Emma, Chapter 1 (1)" and docs[0]["text"] == "Emma Woodhouse, handsome."
-    assert "Persuasion, Volume I, Chapter I (2)" in titles and titles[-1] == "Persuasion, Volume II, Chapter I (1)"
-    first = docs[1]["text"].split("\n\n")
-    assert first[0] == " ".join(para[:2]) and len(docs[1]["text"]) <= corpus.DOC_CHARS
-    assert not any("by Jane Austen" in d["text"] for d in docs)  # the title page is skipped
-
-
-@pytest.mark.skipif(not (corpus.JANEAUSTENR / "Rdata.rdb").exists(), reason="r-cran-janeaustenr not installed")
-def test_real_janeaustenr():
-    objects = corpus.read_r_lazyload(corpus.JANEAUSTENR / "Rdata.rdb", corpus.JANEAUSTENR / "Rdata.rdx",
-                                     names=["persuasion"])
-    assert list(objects) == ["persuasion"]
-    assert "Sir Walter Elliot, of Kellynch Hall" in " ".join(objects["persuasion"][:40])
-
-
-def _b64(n: int) -> str:
-    digits = ""
-    while True:
-        digits = corpus._B64[n % 64] + digits
-        n //= 64
-        if n == 0:
-            return digits
-
-
-def test_dictd_foldoc(tmp_path):
-    entries = [
-        ("flag", "flag\n\n   1. <programming> A variable or quantity that can take on one\n"
-                 "   of two values; see also {hidden flag}.\n\n   [{Jargon File}]\n\n   (1998-05-02)\n\n"),
-        ("exclamation mark", "exclamation mark\n!\nbang\n\n   <character> The character \"!\" with {ASCII}\n"
-                             "   code 33, also called bang.\n\n   (1998-09-17)\n\n"),
-        ("tiny", "tiny\n\n   {flag}.\n\n"),
-    ]
-    data, index = b"", ["00-database-info\tA\tB"]
-    for term, raw in entries:
-        b = raw.encode()
-        index.append(f"{term}\t{_b64(len(data))}\t{_b64(len(b))}")
-        if term == "exclamation mark":
-            index.append(f"!\t{_b64(len(data))}\t{_b64(len(b))}")  # an alias: same entry
-        data += b
-    (tmp_path / "foldoc.index").write_text("\n".join(index) + "\n")
-    (tmp_path / "foldoc.dict.dz").write_bytes(gzip.compress(data))
-    assert [h for h, _ in corpus.read_dictd(tmp_path / "foldoc.index", tmp_path / "foldoc.dict.dz")] == \
-        ["flag", "exclamation mark", "tiny"]
-    docs = corpus.read_foldoc(tmp_path)
-    assert [d["title"] for d in docs] == ["flag", "exclamation mark"]  # "tiny" is a bare cross-reference
-    assert docs[0]["text"] == ("flag\n\n1. A variable or quantity that can take on one of two values; "
-                               "see also hidden flag.\n\n[Jargon File]")
-    assert docs[1]["text"] == 'exclamation mark\n\nThe character "!" with ASCII code 33, also called bang.'
-
-
-def test_roff_to_text():
-    page = "\n".join([
-        '.\\" a comment', ".TH LS 1 2022", ".de XX", "junk inside a macro", "..", ".SH BEZEICHNUNG",
-        "ls \\- Verzeichnisinhalte auflisten", '.SH "SIEHE AUCH"', ".PP", "Die \\fBOptionen\\fP und \\fI\\,DATEI\\/\\fR",
-        "sind \\(lqwichtig\\(rq \\[u00E9]t\\['e]\\e.", ".TP", ".BR ls (1),", ".IP \\(bu 3", "Punkt eins",
-        ".nr XY 3", ".if n .ds Aq '", "Text\\(em weiter \\\" trailing comment", ".br", "zweite Zeile",
-        ".TS", "allbox;", "l l.", "Name\tWert", "_", "a\tT{", "eins", "T}", ".TE",
-    ])
-    text = corpus.normalise(corpus.roff_to_text(page))
-    assert text == ("BEZEICHNUNG\n\nls - Verzeichnisinhalte auflisten\n\nSIEHE AUCH\n\n"
-                    "Die Optionen und DATEI\nsind “wichtig” été\\.\n\nls(1),\n\n•\nPunkt eins\nText— weiter\n"
-                    "zweite Zeile\nName\tWert\na\neins")
-
-
-def test_man_page_reader(tmp_path):
-    page = ".TH X 1\n.SH NOM\nx \\- un programme\n.SH DESCRIPTION\nIl fait des choses.\n.SH TRADUCTION\nMerci.\n"
-    (tmp_path / "fr" / "man1").mkdir(parents=True)
-    (tmp_path / "fr" / "man1" / "x.1.gz").write_bytes(gzip.compress(page.encode()))
-    (tmp_path / "fr" / "man1" / "y.1.gz").symlink_to("x.1.gz")
-    docs = corpus.read_man_pages(tmp_path, ("fr",))
-    assert [(d["title"], d["text"], d["source"]) for d in docs] == [
-        ("x(1) [fr] (1)", "NOM\n\nx - un programme\n\nDESCRIPTION\n\nIl fait des choses.", "manpages-fr")]
-
-
-def test_faq_and_pdf_splitters():
-    faq = ("Table of Contents\n\n1. Basics\n    1.1. What?\n\nChapter 1. Basics\n\n    Intro.\n\n"
-           "1.1.\xa0What is a long\nquestion?\n\n    The answer\n    continues.\n\n"
-           "---------------------------------------------------------------------\n\n    ^[1] a footnote\n\n"
-           "1.2. Empty?\n\n")
-    assert corpus.split_debian_faq(faq) == [("Chapter 1. Basics", "Intro."),
-                                           ("1.1. What is a long question?", "The answer\ncontinues.")]
-    rst = "=====\nTitle\n=====\n\nSection\n=======\n\nWhy?\n----\n\nBecause.\n\nHow?\n----\n\nLike so.\n"
-    assert corpus.split_rst_sections(rst) == [("Why?", "Because."), ("How?", "Like so.")]
-    pages = ["Title page", "Contents\n1 Intro . . . . 1", "Chapter 1\nIntroduction\nThe ﬁrst page of the intro-\nduction.",
-             "2 CHAPTER 1. INTRODUCTION\nSecond page.", "Bibliography\n[1] A book.", "Index\nfoo, 3"]
-    assert corpus.pdf_sections(pages) == [
-        ("Chapter 1", "Chapter 1\nIntroduction\nThe first page of the introduction.\nSecond page.")]
+# ----------------------------------------------------------------------------- sources
 
 
 @pytest.mark.parametrize("reader, kwargs, package", [
-    (corpus.read_books, {"root": "/nonexistent/janeaustenr"}, "r-cran-janeaustenr"),
-    (corpus.read_foldoc, {"root": "/nonexistent/dictd"}, "dict-foldoc"),
-    (corpus.read_python_docs, {"root": "/nonexistent/_sources"}, "python3.11-doc"),
-    (corpus.read_derivations, {"pdf": "/nonexistent/derivations.pdf"}, "derivations"),
-    (corpus.read_qa, {"debian_faq": "/nonexistent/faq.txt.gz"}, "debian-faq"),
-    (corpus.read_man_pages, {"root": "/nonexistent/man"}, "manpages-de"),
+    (read_books, {"root": "/nonexistent/janeaustenr"}, "r-cran-janeaustenr"),
+    (read_foldoc, {"root": "/nonexistent/dictd"}, "dict-foldoc"),
+    (read_python_docs, {"root": "/nonexistent/_sources"}, "python3.11-doc"),
+    (read_derivations, {"pdf": "/nonexistent/derivations.pdf"}, "derivations"),
+    (read_qa, {"debian_faq": "/nonexistent/faq.txt.gz"}, "debian-faq"),
+    (read_man_pages, {"root": "/nonexistent/man"}, "manpages-de"),
 ])
 def test_missing_package_is_one_line(reader, kwargs, package):
     with pytest.raises(ShearError) as e:
@@ -212,101 +56,32 @@ def test_missing_package_is_one_line(reader, kwargs, package):
 
 
 def test_collect_checks_every_package_first(monkeypatch):
-    monkeypatch.setitem(corpus.PACKAGES, "math", [("derivations", Path("/nonexistent/derivations.pdf"))])
-    monkeypatch.setitem(corpus.READERS, "code", lambda: pytest.fail("read before the check"))
+    monkeypatch.setitem(sources.PACKAGES, "math", [("derivations", Path("/nonexistent/derivations.pdf"))])
+    monkeypatch.setitem(sources.READERS, "code", lambda: pytest.fail("read before the check"))
     with pytest.raises(ShearError, match=r"^corpus.domains: 'math' needs Debian package derivations"):
-        corpus.collect_documents(["code", "math"], [])
+        sources.collect_documents(["code", "math"], [])
 
 
-# ----------------------------------------------------------------------------- user sources
+def test_provenance(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    user = [{"domain": "mine", "path": str(tmp_path / "*.txt"), "format": "text"},
+            {"domain": "hub", "path": "some/hub_dataset", "format": "hf"}]
+    p = sources.provenance(["code", "qa"], user)
+    assert set(p["debian_packages"]) == {"debian-faq", "python3.11-doc"}
+    assert p["python"] == {"version": platform.python_version(), "implementation": platform.python_implementation(),
+                           "stdlib": str(STDLIB)}
+    assert p["user_sources"] == [
+        {"path": str(tmp_path / "*.txt"), "files": {(tmp_path / "a.txt").as_posix(): hashlib.sha256(b"alpha").hexdigest()}},
+        {"path": "some/hub_dataset", "files": None}]
+    assert "python" not in sources.provenance(["books"], [])
 
 
-def source(path, fmt="text", **kw):
-    return {"domain": "mine", "path": str(path), "format": fmt, "text_field": "text", "license": "CC-BY-4.0",
-            "split": "train", **kw}
-
-
-def test_user_text_files(tmp_path):
-    (tmp_path / "d" / "sub").mkdir(parents=True)
-    (tmp_path / "d" / "a.txt").write_text("first file\n")
-    (tmp_path / "d" / "sub" / "b.txt").write_text("second file\n")
-    (tmp_path / "d" / "long.md").write_text("\n\n".join(["para " * 200] * 10))
-    by_glob = corpus.read_user_source(source(tmp_path / "d" / "*.txt"), 0)
-    assert texts(by_glob) == ["first file"] and by_glob[0]["license"] == "CC-BY-4.0"
-    by_dir = corpus.read_user_source(source(tmp_path / "d"), 0)
-    assert len(by_dir) > 3 and "second file" in texts(by_dir)  # recursive; the long file is cut
-    with pytest.raises(ShearError, match=r"^corpus.user_sources\[2\].path='.*nope': no such file"):
-        corpus.read_user_source(source(tmp_path / "nope"), 2)
-
-
-def test_user_jsonl(tmp_path):
-    f = tmp_path / "rows.jsonl"
-    f.write_text('{"text": "row one", "id": 1}\n\n{"text": "row two", "id": 2}\n')
-    assert texts(corpus.read_user_source(source(f, "jsonl"), 0)) == ["row one", "row two"]
-    with pytest.raises(ShearError, match=r"^corpus.user_sources\[1\].text_field='body': .*rows.jsonl:1 has no such field; fields there: text, id$"):
-        corpus.read_user_source(source(f, "jsonl", text_field="body"), 1)
-
-
-def test_user_parquet(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"content": ["alpha", "beta", None], "n": [1, 2, 3]}), tmp_path / "t.parquet")
-    assert texts(corpus.read_user_source(source(tmp_path, "parquet", text_field="content"), 0)) == ["alpha", "beta"]
-    with pytest.raises(ShearError, match=r"text_field='text': .*t.parquet has no such column; columns: content, n$"):
-        corpus.read_user_source(source(tmp_path / "t.parquet", "parquet"), 0)
-
-
-def test_user_hf_dataset_saved_to_disk(tmp_path):
-    import datasets
-
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["hf one", "hf two"]}),
-                          "test": datasets.Dataset.from_dict({"text": ["hf three"]})}).save_to_disk(tmp_path / "dd")
-    datasets.Dataset.from_dict({"body": ["solo"]}).save_to_disk(tmp_path / "ds")
-    assert texts(corpus.read_user_source(source(tmp_path / "dd", "hf"), 0)) == ["hf one", "hf two"]
-    assert texts(corpus.read_user_source(source(tmp_path / "dd", "hf", split="test"), 0)) == ["hf three"]
-    assert texts(corpus.read_user_source(source(tmp_path / "ds", "hf", text_field="body"), 0)) == ["solo"]
-    with pytest.raises(ShearError, match=r"^corpus.user_sources\[0\].split='dev': .* has splits train, test$"):
-        corpus.read_user_source(source(tmp_path / "dd", "hf", split="dev"), 0)
-    with pytest.raises(ShearError, match=r"^corpus.user_sources\[0\].path='.*missing': not a local Hugging Face dataset"):
-        corpus.read_user_source(source(tmp_path / "missing", "hf"), 0)
-
-
-# ----------------------------------------------------------------------------- selection
-
-
-def make_docs(prefix, n, size=300):
-    return [corpus.doc(f"{prefix} {i} " + "lorem ipsum " * (size // 12), prefix, "MIT") for i in range(n)]
-
-
-def test_dedup_short_and_first_domain_wins():
-    shared = corpus.doc("the very same text " * 10, "x", "MIT")
-    by_domain = {"a": make_docs("a", 10) + [shared, {**shared, "text": shared["text"] + "  \n"}],
-                 "b": [dict(shared)] + make_docs("b", 10) + [corpus.doc("short", "b", "MIT")]}
-    raw, held, report = corpus.select_documents(by_domain, 10**9, 64, 0, seed=0)
-    assert shared["text"].strip() in texts(raw["a"]) and shared["text"].strip() not in texts(raw["b"])
-    assert report["domains"]["a"]["dropped_duplicates"] == 1  # equal after whitespace normalisation
-    assert report["domains"]["b"]["dropped_duplicates"] == 1 and report["domains"]["b"]["dropped_short"] == 1
-    assert report["total"]["documents"] == 21
-
-
-def test_cap_and_heldout_are_disjoint_and_seeded():
-    by_domain = {"a": make_docs("a", 100), "b": make_docs("b", 12)}
-    raw, held, report = corpus.select_documents(by_domain, 6000, 64, 10, seed=0)
-    a = report["domains"]["a"]
-    assert a["heldout_documents"] == 10 and 0 < a["characters"] <= 6000 and a["documents"] == len(raw["a"])
-    assert a["documents"] + a["heldout_documents"] + a["dropped_by_cap"] == 100
-    assert not set(texts(raw["a"])) & set(texts(held["a"]))
-    assert len(held["b"]) == 2  # at most a fifth of a small domain is held out
-    again = corpus.select_documents(by_domain, 6000, 64, 10, seed=0)
-    other = corpus.select_documents(by_domain, 6000, 64, 10, seed=1)
-    assert again[0] == raw and again[1] == held and other[1]["a"] != held["a"]
-    assert texts(raw["a"]) == sorted(texts(raw["a"]), key=lambda t: int(t.split()[1]))  # reading order kept
-
-
-def test_empty_domain_is_an_error():
-    with pytest.raises(ShearError, match=r"^corpus: domain 'a' has no document of at least 64 characters"):
-        corpus.select_documents({"a": [corpus.doc("tiny", "x", "MIT")]}, 100, 64, 0, 0)
+def test_installed_versions():
+    versions = installed_versions(["surely-not-a-debian-package-x"])
+    assert versions == {"surely-not-a-debian-package-x": None}
+    if shutil.which("dpkg-query") and subprocess.run(["dpkg-query", "-W", "dpkg"], capture_output=True).returncode == 0:
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpkg"], capture_output=True, text=True).stdout
+        assert installed_versions(["dpkg"]) == {"dpkg": version}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -340,3 +115,141 @@ def test_stage_writes_same_bytes(tmp_path, monkeypatch):
     assert set(raw[0]) == {"text", "source", "license", "title"}
     assert not {d["text"] for d in raw} & {d["text"] for d in held}
     assert sum(len(d["text"]) for d in raw) == report["domains"]["prose"]["characters"] <= 100_000
+    for path, data in outputs[0].items():  # each domain's digest is that of the bytes written
+        if path.endswith(".jsonl"):
+            kind, domain = path.split("/")[1], path.split("/")[2][:-len(".jsonl")]
+            assert report["domains"][domain][f"{kind}_sha256"] == hashlib.sha256(data).hexdigest()
+    files = report["provenance"]["user_sources"][0]["files"]
+    assert len(files) == len(list(src.iterdir())) and files["src/json_decoder.txt"] == hashlib.sha256(
+        (src / "json_decoder.txt").read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- bad inputs: one line, nothing written
+
+
+def _params_file(tmp_path, user_sources):
+    """A complete params.yaml with no built-in domain and the given user sources."""
+    params = dataclasses.asdict(Params())
+    params["corpus"].update(domains=[], heldout_docs=0, user_sources=user_sources)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _run_stage_fails(tmp_path, monkeypatch, capsys) -> str:
+    """Run the corpus stage as `python -m stages.corpus` does; return its one error line,
+    after checking that the earlier outputs are byte for byte as they were."""
+    from shear.stage import run_stage
+    from stages import corpus as stage
+
+    before = {"data/raw/old.jsonl": b'{"text": "earlier run"}\n', "data/heldout/old.jsonl": b"",
+              "reports/corpus.json": b'{"earlier": true}\n'}
+    for path, data in before.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stages.corpus"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_stage(stage.__doc__, stage.main)
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    after = {p.relative_to(tmp_path).as_posix(): p.read_bytes()
+             for p in sorted((tmp_path / "data").rglob("*")) + sorted((tmp_path / "reports").rglob("*")) if p.is_file()}
+    assert after == before
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in out + err
+    return err.strip()
+
+
+def test_bad_latin1_text_source(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("plain ascii text " * 10)
+    (tmp_path / "notes" / "b.txt").write_bytes(("Gr\u00fc\u00dfe " * 20).encode("latin-1"))
+    _params_file(tmp_path, [{"domain": "notes", "path": "notes/*.txt"}])
+    assert _run_stage_fails(tmp_path, monkeypatch, capsys) == (
+        "error: notes/b.txt: not valid utf-8 at byte 2 (0xfc); set corpus.user_sources[0].encoding to the "
+        "file's encoding (e.g. latin-1, cp1252) or convert it to UTF-8")
+
+
+def test_bad_non_utf8_jsonl(tmp_path, monkeypatch, capsys):
+    data = b'{"text": "fine row"}\n{"text": "caf\xe9"}\n'
+    (tmp_path / "rows.jsonl").write_bytes(data)
+    _params_file(tmp_path, [{"domain": "rows", "path": "rows.jsonl", "format": "jsonl"}])
+    assert _run_stage_fails(tmp_path, monkeypatch, capsys).startswith(
+        f"error: rows.jsonl: not valid utf-8 at byte {data.index(0xe9)} (0xe9); set corpus.user_sources[0].encoding")
+
+
+@pytest.mark.parametrize("path", ["missing.txt", "texts/*.md", "no_dir/"])
+def test_bad_missing_file_or_empty_glob(tmp_path, monkeypatch, capsys, path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("text " * 30)
+    _params_file(tmp_path, [{"domain": "notes", "path": "texts/a.txt"}, {"domain": "notes", "path": path}])
+    assert _run_stage_fails(tmp_path, monkeypatch, capsys) == (
+        f"error: corpus.user_sources[1].path={path!r}: no such file, directory or glob match "
+        "(relative paths start at the repository root)")
+
+
+def test_bad_garbage_parquet(tmp_path, monkeypatch, capsys):
+    (tmp_path / "t.parquet").write_bytes(b"PAR1 this is not really parquet " * 4)
+    _params_file(tmp_path, [{"domain": "table", "path": "t.parquet", "format": "parquet"}])
+    assert _run_stage_fails(tmp_path, monkeypatch, capsys) == (
+        "error: corpus.user_sources[0].path: t.parquet is not a readable Parquet file (ArrowInvalid)")
+
+
+def test_bad_unknown_encoding(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.txt").write_text("text " * 30)
+    _params_file(tmp_path, [{"domain": "notes", "path": "a.txt", "encoding": "utf-9"}])
+    assert _run_stage_fails(tmp_path, monkeypatch, capsys) == (
+        "error: corpus.user_sources[0].encoding='utf-9' is not a known text encoding; e.g. utf-8, latin-1, cp1252")
+
+
+def test_bad_user_file_not_tracked_by_dvc(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("text " * 30)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  corpus:\n    cmd: python -m stages.corpus\n"
+                                       "    deps: [stages/corpus.py, shear/corpus, notes/a.txt]\n")
+    _params_file(tmp_path, [{"domain": "notes", "path": "notes/a.txt"}, {"domain": "notes", "path": "notes/*.txt"}])
+    assert _run_stage_fails(tmp_path, monkeypatch, capsys) == (
+        "error: corpus.user_sources[1].path: add notes to the deps of stage corpus in dvc.yaml, "
+        "so that `dvc repro` re-runs the corpus when these files change")
+
+
+# ----------------------------------------------------------------------------- staleness under DVC
+
+
+def _sh(cmd: str, cwd: Path, ok: bool = True) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    done = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+    assert (done.returncode == 0) == ok, f"`{cmd}` exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def test_editing_a_user_file_reruns_corpus_under_dvc(tmp_path):
+    """A real git + DVC repository with the project's corpus stage: a user source that
+    dvc.yaml does not track is refused; once tracked, editing it makes `dvc status`
+    report the stage changed, and `dvc repro` rebuilds data/raw from the new text."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("shear", "stages"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    corpus_stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["corpus"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"corpus": corpus_stage}}))
+    _params_file(repo, [{"domain": "notes", "path": "notes/*.txt"}])
+    (repo / "notes").mkdir()
+    (repo / "notes" / "a.txt").write_text("The first version of this note, long enough to be kept.\n" * 3)
+    _sh("git init -q && dvc init -q && git add -A && git commit -qm init", repo)
+
+    assert "add notes to the deps of stage corpus in dvc.yaml" in _sh("dvc repro corpus", repo, ok=False)
+    corpus_stage["deps"].append("notes")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"corpus": corpus_stage}}))
+    _sh("dvc repro corpus", repo)
+    assert "first version" in (repo / "data/raw/notes.jsonl").read_text()
+    assert "up to date" in _sh("dvc status corpus", repo)
+
+    (repo / "notes" / "a.txt").write_text("The second version of this note, long enough to be kept.\n" * 3)
+    status = _sh("dvc status corpus", repo)
+    assert "changed deps" in status and "notes" in status, status
+    assert "Running stage 'corpus'" in _sh("dvc repro corpus", repo)
+    raw = (repo / "data/raw/notes.jsonl").read_text()
+    assert "second version" in raw and "first version" not in raw
+    assert "Running stage" not in _sh("dvc repro corpus", repo)
