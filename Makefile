@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
-# Debian packages that hold the embedded default corpus (see shear/corpus.py).
+# Debian packages that hold the embedded default corpus (see shear/corpus/debian.py).
 DEBIAN_PACKAGES := r-cran-janeaustenr dict-foldoc python3.11-doc derivations debian-faq manpages-de manpages-fr
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -65,6 +65,10 @@ def tiny_repo(tmp_path_factory) -> Path:
         src = REPO / name
         (shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
          if src.is_dir() else shutil.copy(src, repo / name))
+    # The user source below ("texts/*.txt") must be a dependency of the corpus stage, which refuses it otherwise.
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc["stages"]["corpus"]["deps"].append("texts")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
     # DVC needs every parameter a stage names to be present: write the defaults, then the tiny overrides.
     (repo / "params.yaml").write_text(yaml.safe_dump(_merge(dataclasses.asdict(Params()), TINY_PARAMS)))
     (repo / "texts").mkdir()
