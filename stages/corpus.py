@@ -28,21 +28,21 @@ def check_tracked(user_sources: list[dict], dvc_yaml: Path = Path("dvc.yaml")) -
 
 
 def main(params, args):
-    c = params.corpus
-    user_sources = [dataclasses.asdict(s) for s in c.user_sources]
+    corpus = params.corpus
+    user_sources = [dataclasses.asdict(source) for source in corpus.user_sources]
     check_tracked(user_sources)
-    by_domain = collect_documents(c.domains, user_sources)
-    raw, heldout, report = select_documents(by_domain, c.max_chars_per_domain, c.min_doc_chars,
-                                            c.heldout_docs, params.base.seed)
-    report["provenance"] = provenance(c.domains, user_sources)
+    by_domain = collect_documents(corpus.domains, user_sources)
+    raw, heldout, report = select_documents(by_domain, corpus.max_chars_per_domain, corpus.min_doc_chars,
+                                            corpus.heldout_docs, params.run.seed)
+    report["provenance"] = provenance(corpus.domains, user_sources)
     with atomic_dir(RAW) as raw_tmp, atomic_dir(HELDOUT) as heldout_tmp:
         for domain, stats in report["domains"].items():
             stats["raw_sha256"] = write_jsonl(raw_tmp / f"{domain}.jsonl", raw[domain])
             stats["heldout_sha256"] = write_jsonl(heldout_tmp / f"{domain}.jsonl", heldout[domain])
     write_json(REPORT, report)
-    for domain, s in report["domains"].items():
-        print(f"corpus: {domain:14s} {s['documents']:6,} documents {s['characters']:11,} characters "
-              f"(+{s['heldout_documents']} held out)")
+    for domain, counts in report["domains"].items():
+        print(f"corpus: {domain:14s} {counts['documents']:6,} documents {counts['characters']:11,} characters "
+              f"(+{counts['heldout_documents']} held out)")
     t = report["total"]
     print(f"corpus: {'total':14s} {t['documents']:6,} documents {t['characters']:11,} characters "
           f"(+{t['heldout_documents']} held out, {t['dropped_duplicates']} duplicates removed)")
