@@ -71,7 +71,8 @@ def test_provenance(tmp_path):
     assert p["python"] == {"version": platform.python_version(), "implementation": platform.python_implementation(),
                            "stdlib": str(STDLIB)}
     assert p["user_sources"] == [
-        {"path": str(tmp_path / "*.txt"), "files": {(tmp_path / "a.txt").as_posix(): hashlib.sha256(b"alpha").hexdigest()}},
+        {"path": str(tmp_path / "*.txt"),
+         "files": {(tmp_path / "a.txt").as_posix(): hashlib.sha256(b"alpha").hexdigest()}},
         {"path": "some/hub_dataset", "files": None}]
     assert "python" not in sources.provenance(["books"], [])
 
@@ -94,7 +95,8 @@ def test_stage_writes_same_bytes(tmp_path, monkeypatch):
     src.mkdir()
     for p in sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))[:12]:
         shutil.copy(p, src / f"{p.parent.name}_{p.stem}.txt")
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i} " + "words " * 30}) + "\n" for i in range(40)))
+    rows = "".join(json.dumps({"text": f"row {i} " + "words " * 30}) + "\n" for i in range(40))
+    (tmp_path / "rows.jsonl").write_text(rows)
     params = Params(corpus=CorpusParams(domains=[], heldout_docs=5, max_chars_per_domain=100_000, user_sources=[
         UserSource(domain="prose", path="src/*.txt", license="PSF-2.0"),
         UserSource(domain="rows", path="rows.jsonl", format="jsonl")]))

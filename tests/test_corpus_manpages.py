@@ -13,7 +13,8 @@ from shear.errors import ShearError
 def test_roff_to_text():
     page = "\n".join([
         '.\\" a comment', ".TH LS 1 2022", ".de XX", "junk inside a macro", "..", ".SH BEZEICHNUNG",
-        "ls \\- Verzeichnisinhalte auflisten", '.SH "SIEHE AUCH"', ".PP", "Die \\fBOptionen\\fP und \\fI\\,DATEI\\/\\fR",
+        "ls \\- Verzeichnisinhalte auflisten", '.SH "SIEHE AUCH"', ".PP",
+        "Die \\fBOptionen\\fP und \\fI\\,DATEI\\/\\fR",
         "sind \\(lqwichtig\\(rq \\[u00E9]t\\['e]\\e.", ".TP", ".BR ls (1),", ".IP \\(bu 3", "Punkt eins",
         ".nr XY 3", ".if n .ds Aq '", "Text\\(em weiter \\\" trailing comment", ".br", "zweite Zeile",
         ".TS", "allbox;", "l l.", "Name\tWert", "_", "a\tT{", "eins", "T}", ".TE",

@@ -33,7 +33,8 @@ def test_user_jsonl(tmp_path):
     f = tmp_path / "rows.jsonl"
     f.write_text('{"text": "row one", "id": 1}\n\n{"text": "row two", "id": 2}\n')
     assert texts(read_user_source(source(f, "jsonl"), 0)) == ["row one", "row two"]
-    with pytest.raises(ShearError, match=r"^corpus.user_sources\[1\].text_field='body': .*rows.jsonl:1 has no such field; fields there: text, id$"):
+    with pytest.raises(ShearError, match=r"^corpus.user_sources\[1\].text_field='body': .*rows.jsonl:1 has no such "
+                                         r"field; fields there: text, id$"):
         read_user_source(source(f, "jsonl", text_field="body"), 1)
 
 
@@ -58,7 +59,7 @@ def test_user_hf_dataset_saved_to_disk(tmp_path):
     assert texts(read_user_source(source(tmp_path / "ds", "hf", text_field="body"), 0)) == ["solo"]
     with pytest.raises(ShearError, match=r"^corpus.user_sources\[0\].split='dev': .* has splits train, test$"):
         read_user_source(source(tmp_path / "dd", "hf", split="dev"), 0)
-    with pytest.raises(ShearError, match=r"^corpus.user_sources\[0\].path='.*missing': not a local Hugging Face dataset"):
+    with pytest.raises(ShearError, match=r"^corpus.user_sources\[0\].path='.*missing': not a local Hugging Face"):
         read_user_source(source(tmp_path / "missing", "hf"), 0)
 
 

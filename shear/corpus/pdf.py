@@ -13,7 +13,8 @@ from shear.corpus.text import doc, split_long
 _LIGATURES = str.maketrans({"ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl"})
 # A page's running head ("3.3. SCALARS, VECTORS 71", "684 CHAPTER 22. REMARKS") or a bare page number.
 _RUNNING_HEAD = re.compile(r"(\d+|[ivxlc]+)(\s+[^a-z]+)?|[^a-z]+\s+(\d+|[ivxlc]+)")
-_SECTION = re.compile(r"(Chapter \d+|Appendix [A-Z]|Preface|Appendices|Bibliography|Index|Contents|List of \w+|Part [IVX]+)")
+_SECTION = re.compile(r"(Chapter \d+|Appendix [A-Z]|Preface|Appendices|Bibliography|Index|Contents"
+                      r"|List of \w+|Part [IVX]+)")
 
 
 def pdf_sections(pages: list[str]) -> list[tuple[str, str]]:

@@ -56,8 +56,8 @@ def read_user_source(source: dict, i: int) -> list[dict]:
     """
     check_source(source, i)
     where = f"corpus.user_sources[{i}]"
-    fmt, path, field, lic = source["format"], source["path"], source.get("text_field", "text"), source.get("license", "unknown")
-    encoding = source.get("encoding", "utf-8")
+    fmt, path, field = source["format"], source["path"], source.get("text_field", "text")
+    lic, encoding = source.get("license", "unknown"), source.get("encoding", "utf-8")
     fix = f"set {where}.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it to UTF-8"
     texts: list[tuple[str, str]] = []  # (text, title)
     if fmt == "text":
@@ -123,7 +123,8 @@ def _load_hf(path: str, split: str, where: str):
             loaded = datasets.load_dataset(path, split=split)
     except Exception as e:  # datasets raises many types; the user needs one line
         first = str(e).strip().split("\n")[0][:200]
-        raise ShearError(f"{where}.path={path!r}: not a local Hugging Face dataset ({type(e).__name__}: {first})") from None
+        raise ShearError(f"{where}.path={path!r}: not a local Hugging Face dataset "
+                         f"({type(e).__name__}: {first})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ShearError(f"{where}.split={split!r}: dataset {path} has splits {', '.join(loaded)}")
