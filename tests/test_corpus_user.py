@@ -48,6 +48,17 @@ def test_user_parquet(tmp_path):
         read_user_source(source(tmp_path / "t.parquet", "parquet"), 0)
 
 
+def test_parquet_strings_not_utf8(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    not_utf8 = pa.array([b"fine", b"caf\xe9"], pa.binary()).view(pa.string())  # Arrow does not check on write
+    pq.write_table(pa.table({"text": not_utf8}), tmp_path / "t.parquet")
+    with pytest.raises(ShearError, match=r"^corpus.user_sources\[0\].path: .*t.parquet holds text that is not valid "
+                                         r"UTF-8 \(unexpected end of data\); write it again with UTF-8 strings$"):
+        read_user_source(source(tmp_path / "t.parquet", "parquet"), 0)
+
+
 def test_user_hf_dataset_saved_to_disk(tmp_path):
     import datasets
 

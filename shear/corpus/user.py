@@ -8,6 +8,7 @@ import glob
 import json
 import re
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from shear.corpus.text import doc, read_text, split_long
 from shear.errors import ShearError
@@ -85,18 +86,28 @@ def read_user_source(source: dict, i: int) -> list[dict]:
             if field not in table.column_names:
                 raise ShearError(f"{where}.text_field={field!r}: {f} has no such column; "
                                  f"columns: {', '.join(table.column_names)}")
-            for n, value in enumerate(table.column(field).to_pylist()):
+            for n, value in enumerate(_utf8_column(lambda: table.column(field).to_pylist(), f"{where}.path", f)):
                 texts.append((_field({field: value}, field, f"{where}.text_field", f"{f} row {n}"), f"{f.name}:{n}"))
     elif fmt == "hf":
         dataset = _load_hf(path, source.get("split", "train"), where)
         if field not in dataset.column_names:
             raise ShearError(f"{where}.text_field={field!r}: dataset {path} has no such column; "
                              f"columns: {', '.join(dataset.column_names)}")
-        for n, value in enumerate(dataset[field]):
+        for n, value in enumerate(_utf8_column(lambda: dataset[field], f"{where}.path", path)):
             texts.append((_field({field: value}, field, f"{where}.text_field", f"{path} row {n}"), f"{path}:{n}"))
     else:
         raise ShearError(f"{where}.format={fmt!r} is not valid; choose one of text, jsonl, parquet, hf")
     return [doc(text, path, lic, title) for text, title in texts if text]
+
+
+def _utf8_column(read: Callable[[], list], where: str, at: str | Path) -> list:
+    """The values `read()` returns from an Arrow string column; Arrow strings must be
+    UTF-8, and a column that holds other bytes is one line, not a UnicodeDecodeError."""
+    try:
+        return read()
+    except UnicodeDecodeError as e:
+        raise ShearError(f"{where}: {at} holds text that is not valid UTF-8 ({e.reason}); "
+                         "write it again with UTF-8 strings") from None
 
 
 def _field(row, field: str, where: str, at: str) -> str:
