@@ -154,8 +154,8 @@ def tracked_root(source: dict) -> str | None:
     if source["format"] == "hf" and not Path(path).exists():
         return None
     parts = PurePosixPath(path).parts
-    fixed = [p for p in parts[:next((k for k, p in enumerate(parts) if _GLOB.search(p)), len(parts))]]
-    return PurePosixPath(*fixed).as_posix() if fixed else "."
+    first_glob = next((k for k, part in enumerate(parts) if _GLOB.search(part)), len(parts))
+    return PurePosixPath(*parts[:first_glob]).as_posix()  # "." when the glob starts at the root
 
 
 def untracked_sources(sources: list[dict], deps: list[str]) -> list[tuple[int, str]]:
