@@ -145,6 +145,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return FINAL_LR_RATIO + (1 - FINAL_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def set_activation_checkpointing(model, on: bool) -> None:
+    """Recompute each block's activations in backward instead of keeping them (transformers 5.17 and 5.23+)."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since 5.23
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def decay_groups(params, lr: float, weight_decay: float) -> list[dict]:
     """Parameter groups of the trainable `params`: matrices decay, vectors (norms, biases) do not."""
     decay, no_decay = [], []

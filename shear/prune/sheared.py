@@ -225,7 +225,7 @@ def train_masks(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerat
     if lr_model <= 0:
         model.requires_grad_(False)
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer.set_activation_checkpointing(model, True)
     masks.to(accelerator.device)
     hooks = MaskHooks(model, masks)  # on the plain model's modules, before any wrapping
     optimizer = make_optimizer(model, masks, lr_model, lr_mask, lr_lambda)
@@ -245,7 +245,7 @@ def train_masks(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerat
     finally:
         hooks.remove()
         if activation_checkpointing:
-            accelerator.unwrap_model(model).gradient_checkpointing_disable()
+            trainer.set_activation_checkpointing(accelerator.unwrap_model(model), False)
     masks.constrain()
     check_identical_on_ranks(accelerator, masks)
     return result
