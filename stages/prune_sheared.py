@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
-from shear.io import read_json, recover_dir, run_hash
+from shear.io import model_digest, recover_dir, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
 from shear.models import architecture, count_parameters, load_model, save_model
 from shear.prune.l0 import L0Masks
@@ -77,7 +77,7 @@ def main(params, args):
         "rows_per_draw": plan.batch_size * plan.world_size,
         "target": target, "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None, "reference": reference,
-        "seed": seed, "device": accelerator.device.type, "base": read_json(f"{BASE}/shear.json"),
+        "seed": seed, "device": accelerator.device.type, "base": model_digest(BASE),
         "shards": load_manifest(SHARDS),
     })
     resume = read_checkpoint(CHECKPOINTS, fingerprint, "sheared", announce=is_main)

@@ -228,3 +228,42 @@ def test_method_none_copies_the_pruned_model(tmp_path, shards, tiny, monkeypatch
     assert set(record["retrain"]["loss_after"]) == {"code", "prose"}
     for (name, a), (_, b) in zip(copied.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("stage,change,message", [
+    ("retrain", {"tokens": 10}, r"retrain.tokens=10 is smaller than one optimizer step"),
+    ("retrain", {"seq_len": 4096}, r"retrain.seq_len=4096 is longer than the model's max_position_embeddings=2048"),
+    ("retrain", {"distill": 0.5}, r"retrain.distill > 0 needs the teacher data/models/base"),
+    ("prune_sheared", {"tokens": 10}, r"prune.sheared.tokens=10 is smaller than one optimizer step"),
+    ("prune_sheared", {"seq_len": 4096}, r"prune.sheared.seq_len=4096 is longer than the model's "
+                                         r"max_position_embeddings=2048"),
+])
+def test_failing_run_leaves_outputs_and_logs(tmp_path, shards, monkeypatch, stage, change, message):
+    """Every check runs before the stage empties or writes its model, checkpoint or learning curves."""
+    import argparse
+    import importlib
+
+    from shear.config import Params
+
+    model, tok = make_tiny_model(SPEC, seed=0)
+    save_model(model, tok, tmp_path / "data/models/pruned", {"method": "depth"})
+    if stage == "prune_sheared":
+        save_model(model, tok, tmp_path / "data/models/base", {"method": "tiny"})
+    (tmp_path / "data/shards").symlink_to(shards)
+    out, name = ("data/models/retrained", "retrain") if stage == "retrain" else ("data/models/pruned", "prune")
+    previous = {f"reports/train/{name}/plots/metrics/train/loss.tsv": "step\tloss\n1\t3.0\n",
+                f"data/checkpoints/{name}/last/meta.json": "{}", f"{out}/marker": "previous output"}
+    for path, text in previous.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    params.run.device, params.prune.method, params.retrain.method = "cpu", "sheared", "cpt"
+    section = params.retrain if stage == "retrain" else params.prune.sheared
+    for key, value in change.items():
+        setattr(section, key, value)
+    with pytest.raises(ShearError, match=message):
+        importlib.import_module(f"stages.{stage}").main(params, argparse.Namespace(params="params.yaml"))
+    for path, text in previous.items():
+        assert (tmp_path / path).read_text() == text, path
+    assert sorted(p.name for p in (tmp_path / f"reports/train/{name}").iterdir()) == ["plots"]
