@@ -85,7 +85,8 @@ def state_example():
     opt.step()
     return {"step": 3, "weights": {"embed": tied, "head": tied, "norm": torch.ones(3, dtype=torch.bfloat16)},
             "optimizer": opt.state_dict(), "rng": [{"cpu": torch.get_rng_state()}],
-            "sampler": {"weights": {"a": 0.25}, "rng": {"state": {"state": 2 ** 100, "inc": 7}}, "order": {"a": [2, 0, 1]}},
+            "sampler": {"weights": {"a": 0.25}, "rng": {"state": {"state": 2 ** 100, "inc": 7}},
+                        "order": {"a": [2, 0, 1]}},
             "losses_before": {"mean": float("nan")}, "last": {}}
 
 
