@@ -70,7 +70,8 @@ def main(params, args):
         return
     if retrain.num_processes > 1 and not launched():
         # The checks that need no model, before paying for N processes.
-        plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum, retrain.num_processes, retrain.warmup_fraction)
+        plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
+                 retrain.num_processes, retrain.warmup_fraction)
         if retrain.distill > 0:
             require_teacher(BASE)
         fsdp = retrain.method == "cpt" and pick_device(params.run.device).type == "cuda"
@@ -82,8 +83,8 @@ def main(params, args):
     # outputs, checkpoint and learning curves as they were.
     accelerator = make_accelerator(params.run.device)
     is_main = accelerator.is_main_process
-    plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum, accelerator.num_processes,
-             retrain.warmup_fraction)
+    plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
+             accelerator.num_processes, retrain.warmup_fraction)
     if retrain.distill > 0:
         require_teacher(BASE)
     model, tokenizer, record = load_model(PRUNED)
@@ -147,8 +148,9 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
     save_model(trained, tokenizer, OUT, {**record, "retrain": summary})  # architecture and counts are refreshed
     live.end()
     before, after = summary["loss_before"], summary["loss_after"]
-    print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "
-          f"held-out loss {before.get('mean', float('nan')):.4f} -> {after.get('mean', float('nan')):.4f} -> {OUT}")
+    print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, "
+          f"{summary['train_s']} s; held-out loss {before.get('mean', float('nan')):.4f} -> "
+          f"{after.get('mean', float('nan')):.4f} -> {OUT}")
 
 
 if __name__ == "__main__":
