@@ -242,8 +242,8 @@ def save_checkpoint(directory: str | Path, fingerprint: str, step: int, state: d
         save_file(shard, str(tmp), metadata=stamp)
         os.replace(tmp, path / name)
         files.append(name)
-    for old in path.glob("tensors-*.safetensors"):  # shards of a larger earlier checkpoint
-        if old.name not in files:
+    for old in [*path.glob("tensors-*.safetensors"), path / "state.pt", Path(directory) / "state.pt"]:
+        if old.name not in files and old.is_file():  # shards of a larger checkpoint, the old pickle format
             old.unlink()
     meta = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": step, "files": files,
             "state": skeleton}

@@ -158,6 +158,8 @@ def test_planted_pickle_never_runs(tmp_path, where):
         (ckpt / "state.pt").write_bytes(payload)
         (ckpt / "last" / "state.pt").write_bytes(payload)
         assert read_checkpoint(ckpt, "run-a", "test") is None
+        save_checkpoint(ckpt, "run-a", 2, state_example())  # the next save removes the old files
+        assert not (ckpt / "state.pt").exists() and not (ckpt / "last" / "state.pt").exists()
     elif where == "tensor file":
         save_checkpoint(ckpt, "run-a", 2, state_example())
         (ckpt / "last" / "tensors-00001.safetensors").write_bytes(payload)
