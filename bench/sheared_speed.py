@@ -1,6 +1,6 @@
 """Cost of Sheared-LLaMA's masks: one training step with masks vs the same step without.
 
-With masks (`shear.prune.sheared.train_step`): sample every hard-concrete mask, forward
+With masks (`shear.prune.sheared.ShearedObjective`'s step): sample every hard-concrete mask, forward
 through the hooks, LM loss + Lagrangian, backward into weights, log-alphas and
 multipliers, clip, one AdamW step over all three. Without masks (the straightforward
 way): the plain model's LM loss, backward, clip, AdamW over the weights. Same model, same
@@ -29,7 +29,7 @@ from shear.io import atomic_file, write_json
 from shear.models import architecture, count_parameters, offline
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
-from shear.prune.sheared import GRAD_CLIP, BETAS, MaskHooks, autocast, make_optimizer, train_step
+from shear.prune.sheared import GRAD_CLIP, BETAS, MaskHooks, ShearedObjective, make_optimizer
 from shear.speed import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +55,22 @@ def random_model(shape: dict, device: torch.device):
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM(config)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, as the training loop's accelerator uses; full precision on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def masked_step(model, objective: ShearedObjective, optimizer, batch: torch.Tensor) -> None:
+    """One step of the shared training loop with the sheared objective (one process, one micro-batch)."""
+    objective.begin_step(1)
+    with autocast(batch.device):
+        loss, _ = objective.loss(model, batch, 1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def plain_step(model, optimizer, batch: torch.Tensor) -> None:
@@ -99,12 +115,12 @@ def compare(model, device: torch.device, batch_size: int, seq_len: int, repeats:
                           generator=torch.Generator().manual_seed(0)).to(device)
     plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=BETAS, weight_decay=0.0)
     masked_opt = make_optimizer(model, masks, 1e-4, 1.0, 1.0)
-    generator = torch.Generator().manual_seed(0)
 
     times = {"masked": [], "plain": []}
     for i in range(warmup + repeats):
         hooks = MaskHooks(model, masks)  # attached for the masked step only: the plain step runs hook-free
-        masked = timed(lambda: train_step(model, masks, hooks, masked_opt, batch, 0.5, generator), device)
+        objective = ShearedObjective(masks, hooks, None, lagrangian_warmup_steps=2, source_params=1.0, seed=i)
+        masked = timed(lambda: masked_step(model, objective, masked_opt, batch), device)
         hooks.remove()
         plain = timed(lambda: plain_step(model, plain_opt, batch), device)
         if i >= warmup:

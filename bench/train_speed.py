@@ -33,7 +33,8 @@ from shear.distill import retrain_loss
 from shear.io import atomic_file, write_json
 from shear.speed import machine_info
 from shear.models import count_parameters, offline
-from shear.train import apply_lora, make_optimizer, to_device
+from shear.train import apply_lora
+from shear.trainer import decay_groups, make_optimizer, to_device
 
 RESULTS = Path("bench/results")
 # Dense bf16 tensor-core peaks (FLOP/s) by GPU name; checked in order, first match wins.
@@ -106,7 +107,7 @@ def prepare(template, method: str, way: str, device, compile_model: bool):
         model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if way == "shear":
-        optimizer = make_optimizer(model, 1e-4, [0.9, 0.95], 0.1, fused=True)
+        optimizer = make_optimizer(decay_groups(model.parameters(), 1e-4, 0.1), [0.9, 0.95], fused=True)
         if compile_model:
             model = torch.compile(model)
     else:

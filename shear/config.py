@@ -155,16 +155,21 @@ class ShearedParams:
     """Targeted structured pruning with hard-concrete masks (Sheared-LLaMA, Xia et al. 2023)."""
 
     tokens: int = field(default=200_000, metadata=_range(1))
-    batch_size: int = field(default=4, metadata=_range(1))
+    batch_size: int = field(default=4, metadata=_range(1))  # rows per process per micro-batch
+    grad_accum: int = field(default=1, metadata=_range(1))
     seq_len: int = field(default=256, metadata=_range(8))
     lr_model: float = field(default=1e-4, metadata=_range(0))
     lr_mask: float = field(default=1.0, metadata=_range(0, lo_open=True))
     lr_lambda: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    # learning-rate warm-up of all three groups, a fraction of the steps (the reference run's 10%)
+    lr_warmup_fraction: float = field(default=0.1, metadata=_range(0, 1))
     # fraction of the steps over which the Lagrangian's target shape ramps from the source to
     # prune.target (not a learning-rate warm-up)
     lagrangian_warmup_fraction: float = field(default=0.2, metadata=_range(0, 1))
     temperature: float = field(default=2 / 3, metadata=_range(0, lo_open=True))
     checkpoint_every: int = field(default=50, metadata=_range(1))
+    num_processes: int = field(default=1, metadata=_range(1))  # > 1: re-launched under accelerate (DDP)
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
 
 @dataclass

@@ -15,11 +15,34 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def recover_dir(path: str | Path) -> None:
+    """Undo what a killed `atomic_dir` left next to `path`.
+
+    A kill between its two renames leaves `path` missing and the previous output in
+    `.<name>.old-*`: that is put back. Temporary (`.<name>.tmp-*`, maybe half-written) and
+    replaced (`.<name>.old-*`) directories of earlier killed runs are removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not path.exists() and olds:
+        os.replace(olds.pop(), path)  # the newest replaced output is the last complete one
+    for leftover in [*olds, *path.parent.glob(f".{path.name}.tmp-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` only if the block succeeds."""
+    """Yield a temporary directory that replaces `path` only if the block succeeds.
+
+    The output path is never missing for long: the old output is renamed aside, the new one
+    renamed in, the old one removed; a kill between the renames is repaired by the next
+    `atomic_dir` (or `recover_dir`) on the same path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary readable directories
     try:
@@ -67,6 +90,22 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShearError(f"{path}: corrupt JSON ({e.__class__.__name__}: {e}); delete it and re-run its stage") from None
+
+
+def file_digest(paths: list[str | Path]) -> str:
+    """A short sha256 of the bytes of `paths`, in the order given (e.g. a model's config and weights)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def model_digest(directory: str | Path) -> str:
+    """file_digest of a saved model's config.json and safetensors: a different model is a different run."""
+    directory = Path(directory)
+    return file_digest([directory / "config.json", *sorted(directory.glob("*.safetensors"))])
 
 
 def run_hash(definition: dict[str, Any]) -> str:

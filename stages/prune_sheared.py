@@ -5,63 +5,105 @@ Checkpoints go to data/checkpoints/prune (a re-run with the same params resumes)
 logs to reports/train/prune. With dynamic batch loading (data.mixture: auto or dynamic) the
 domain weights follow each domain's held-out loss above the base model's
 (reports/eval/base/metrics.json).
+
+Several processes: set `prune.sheared.num_processes` and the stage re-executes itself under
+`accelerate launch` (DDP; gloo processes on CPU), like `retrain.num_processes`. The global
+batch is batch_size x grad_accum x num_processes rows; a checkpoint resumes on another
+number of processes when batch_size x num_processes (the rows drawn per micro-batch) and
+grad_accum are unchanged.
 """
 import dataclasses
 import time
 from pathlib import Path
 
 from shear.data import load_domains, load_manifest
-from shear.io import read_json, run_hash
+from shear.errors import ShearError
+from shear.io import model_digest, recover_dir, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
-from shear.models import count_parameters, load_model, pick_device, save_model
+from shear.models import architecture, count_parameters, load_model, save_model
+from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
+from shear.trainer import (check_seq_len, check_train_tokens, launched, make_accelerator, open_live, plan_run,
+                           read_checkpoint, relaunch)
 
 BASE, SHARDS, BASE_METRICS = "data/models/base", "data/shards", "reports/eval/base/metrics.json"
 OUT, CHECKPOINTS, LOGS = "data/models/pruned", "data/checkpoints/prune", "reports/train/prune"
+HELDOUT_SEQ_LEN = 128  # the dynamic mixture compares held-out losses with the base model's at 128 tokens
 
 
 def main(params, args):
     prune, sheared, mixture, seed = params.prune, params.prune.sheared, params.mixture, params.run.seed
     started = time.perf_counter()
-    device = pick_device(params.run.device)
+    recover_dir(OUT)  # a run killed while replacing the output left it aside: put it back
+    if sheared.num_processes > 1 and not launched():
+        # The checks that need no model, before paying for N processes.
+        plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,
+                 sheared.num_processes, sheared.lr_warmup_fraction)
+        if relaunch("stages.prune_sheared", sheared.num_processes, args.params) != 0:
+            raise ShearError("prune: a sheared pruning process failed (its error is printed above)")
+        return
+
+    # Everything is validated before the first write: a failing run leaves the previous
+    # outputs, checkpoint and learning curves as they were.
+    accelerator = make_accelerator(params.run.device)
+    is_main = accelerator.is_main_process
+    plan = plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,
+                    accelerator.num_processes, sheared.lr_warmup_fraction)
     model, tokenizer, base_record = load_model(BASE)
+    check_seq_len("prune.sheared", sheared.seq_len, model.config)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align" and v is not None}
     target = resolve_target(model.config, target_keys, prune.target.align)
+    masks = L0Masks(architecture(model.config), target, temperature=sheared.temperature, seed=seed)
 
     domains = load_domains(SHARDS, "train", tokenizer)
+    check_train_tokens("prune.sheared", domains, sheared.seq_len, SHARDS)
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
-    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains)) if dynamic else None
+    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN) \
+        if dynamic else None
     sampler = build_sampler(kind, domains, sheared.seq_len, seed, params.data.domain_weights,
                             reference, mixture.eta, mixture.smoothing)
-    heldout = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences) if dynamic else None
+    if dynamic:
+        check_seq_len("prune.sheared (held-out rows)", HELDOUT_SEQ_LEN, model.config)
+    heldout = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN) if dynamic else None
 
-    # Everything that defines the run: a checkpoint from any other run is not resumed.
+    # Everything that defines the run: a checkpoint from any other run is not resumed. The
+    # process count is not part of it as such: the same rows per draw and grad_accum give
+    # the same global batches on any number of processes.
     fingerprint = run_hash({
-        "sheared": dataclasses.asdict(sheared), "target": target,
-        "data": {**dataclasses.asdict(params.data), "mixture": kind},
+        "sheared": {k: v for k, v in dataclasses.asdict(sheared).items()
+                    if k not in ("checkpoint_every", "num_processes", "batch_size", "activation_checkpointing")},
+        "rows_per_draw": plan.batch_size * plan.world_size,
+        "target": target, "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None, "reference": reference,
-        "seed": seed, "device": device.type, "base": read_json(f"{BASE}/shear.json"),
+        "seed": seed, "device": accelerator.device.type, "base": model_digest(BASE),
         "shards": load_manifest(SHARDS),
     })
+    resume = read_checkpoint(CHECKPOINTS, fingerprint, "sheared", announce=is_main)
+    live = open_live(LOGS, resume["step"] if resume is not None else None) if is_main else None
     before = count_parameters(model)
     pruned, record = prune_sheared(
-        model, target, sampler, tokens=sheared.tokens, batch_size=sheared.batch_size, lr_model=sheared.lr_model,
-        lr_mask=sheared.lr_mask, lr_lambda=sheared.lr_lambda, warmup_fraction=sheared.lagrangian_warmup_fraction,
-        temperature=sheared.temperature, checkpoint_every=sheared.checkpoint_every, checkpoint_dir=CHECKPOINTS,
-        log_dir=LOGS, fingerprint=fingerprint, device=device, seed=seed, heldout=heldout,
-        update_every=mixture.update_every)
-    if dynamic:
-        plot_weights(sampler, Path(LOGS) / "mixture_weights.png", mixture.update_every)
-    info = save_model(pruned, tokenizer, OUT, {
-        **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
-        "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
-    })
-    after = info["parameters"]
-    print(f"prune: sheared {record['training']['steps']} steps -> {', '.join(f'{k}={v}' for k, v in target.items())}: "
-          f"{before['non_embedding']:,} -> {after['non_embedding']:,} non-embedding parameters "
-          f"({time.perf_counter() - started:.0f} s)")
+        model, masks, sampler, plan, accelerator, lr_model=sheared.lr_model, lr_mask=sheared.lr_mask,
+        lr_lambda=sheared.lr_lambda, lagrangian_warmup_fraction=sheared.lagrangian_warmup_fraction,
+        checkpoint_every=sheared.checkpoint_every, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint, live=live,
+        resume=resume, seed=seed, heldout=heldout, update_every=mixture.update_every,
+        activation_checkpointing=sheared.activation_checkpointing)
+    if is_main:
+        live.end()
+        if dynamic:
+            plot_weights(sampler, Path(LOGS) / "mixture_weights.png", mixture.update_every)
+        info = save_model(pruned, tokenizer, OUT, {
+            **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
+            "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
+        })
+        after = info["parameters"]
+        print(f"prune: sheared {plan.total_steps} steps on {plan.world_size} process(es) -> "
+              f"{', '.join(f'{k}={v}' for k, v in target.items())}: "
+              f"{before['non_embedding']:,} -> {after['non_embedding']:,} non-embedding parameters "
+              f"({time.perf_counter() - started:.0f} s)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

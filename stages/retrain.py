@@ -28,48 +28,26 @@ resume the checkpoint: use a shared filesystem); only global rank 0 writes. For 
 then `dvc commit retrain` on node 0 records the outputs in dvc.lock.
 """
 import dataclasses
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
-
 
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
-from shear.io import atomic_dir, run_hash, trim_logs, write_json
+from shear.io import atomic_dir, model_digest, recover_dir, run_hash, write_json
 from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
 from shear.models import load_model, pick_device, save_model
-from shear.train import (apply_lora, check_train_tokens, load_teacher, make_accelerator, model_digest,
-                         read_checkpoint, require_teacher, steps_for_budget, train)
+from shear.train import apply_lora, load_teacher, require_teacher, train
+from shear.trainer import (check_seq_len, check_train_tokens, launched, make_accelerator, open_live, plan_run,
+                           read_checkpoint, relaunch)
 
 PRUNED, BASE, SHARDS = "data/models/pruned", "data/models/base", "data/shards"
 OUT, CHECKPOINTS, LOGS = "data/models/retrained", "data/checkpoints/retrain", "reports/train/retrain"
 BASE_METRICS = "reports/eval/base/metrics.json"
 EVAL_SEQ_LEN = 128  # held-out loss length: the reference losses of the evaluate stage are at 128 tokens
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
-
-
-def relaunch(params, args) -> int:
-    """Run this stage again under `accelerate launch` with retrain.num_processes processes."""
-    retrain = params.retrain
-    fsdp = retrain.method == "cpt" and pick_device(params.run.device).type == "cuda"
-    with socket.socket() as sock:  # a free port, so two runs on one machine do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(ACCELERATE_CONFIGS / ("fsdp.yaml" if fsdp else "ddp.yaml")),
-           "--num_processes", str(retrain.num_processes), "--num_machines", "1", "--main_process_port", str(port),
-           "-m", "stages.retrain", "--params", args.params]
-    print("retrain: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.run(cmd).returncode
 
 
 def copy_pruned(params) -> None:
     """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
-    from dvclive import Live
-
     model, tokenizer, record = load_model(PRUNED)
     losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, EVAL_SEQ_LEN))
     with atomic_dir(OUT) as tmp:
@@ -77,7 +55,7 @@ def copy_pruned(params) -> None:
             if f.name != "shear.json":
                 shutil.copy2(f, tmp / f.name)
         write_json(tmp / "shear.json", {**record, "retrain": {"method": "none", "tokens": 0, "loss_after": losses}})
-    live = Live(dir=LOGS, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(LOGS, None)
     for domain, value in losses.items():
         live.log_metric(f"eval/loss/{domain}", value)
     live.end()
@@ -86,23 +64,34 @@ def copy_pruned(params) -> None:
 
 def main(params, args):
     retrain = params.retrain
+    recover_dir(OUT)  # a run killed while replacing the output left it aside: put it back
     if retrain.method == "none":
         copy_pruned(params)
         return
-    if retrain.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    if retrain.num_processes > 1 and not launched():
         # The checks that need no model, before paying for N processes.
-        steps_for_budget(retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum, retrain.num_processes)
+        plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
+                 retrain.num_processes, retrain.warmup_fraction)
         if retrain.distill > 0:
             require_teacher(BASE)
-        if relaunch(params, args) != 0:
+        fsdp = retrain.method == "cpt" and pick_device(params.run.device).type == "cuda"
+        if relaunch("stages.retrain", retrain.num_processes, args.params, fsdp=fsdp) != 0:
             raise ShearError("retrain: a training process failed (its error is printed above)")
         return
 
+    # Everything is validated before the first write: a failing run leaves the previous
+    # outputs, checkpoint and learning curves as they were.
     accelerator = make_accelerator(params.run.device)
     is_main = accelerator.is_main_process
+    plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
+             accelerator.num_processes, retrain.warmup_fraction)
+    if retrain.distill > 0:
+        require_teacher(BASE)
     model, tokenizer, record = load_model(PRUNED)
+    check_seq_len("retrain", retrain.seq_len, model.config)
+    check_seq_len("retrain (held-out rows)", EVAL_SEQ_LEN, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
-    check_train_tokens(domains, retrain.seq_len, SHARDS)
+    check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
     teacher = load_teacher(BASE, model, accelerator.device) if retrain.distill > 0 else None
 
     kind = params.mixture_kind()
@@ -129,15 +118,9 @@ def main(params, args):
         "shards": load_manifest(SHARDS),
     }
     run_id = run_hash(settings)
-    resume = read_checkpoint(CHECKPOINTS, run_id, announce=is_main)
+    resume = read_checkpoint(CHECKPOINTS, run_id, "retrain", announce=is_main)
 
-    live = None
-    if is_main:
-        from dvclive import Live
-
-        if resume is not None:
-            trim_logs(LOGS, resume["step"])
-        live = Live(dir=LOGS, resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = open_live(LOGS, resume["step"] if resume is not None else None) if is_main else None
     trained, summary = train(
         model, sampler, retrain, accelerator, teacher=teacher, eval_rows=rows,
         update_every=mixture.update_every if dynamic else None, live=live, checkpoint_dir=CHECKPOINTS,
@@ -165,8 +148,9 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
     save_model(trained, tokenizer, OUT, {**record, "retrain": summary})  # architecture and counts are refreshed
     live.end()
     before, after = summary["loss_before"], summary["loss_after"]
-    print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "
-          f"held-out loss {before.get('mean', float('nan')):.4f} -> {after.get('mean', float('nan')):.4f} -> {OUT}")
+    print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, "
+          f"{summary['train_s']} s; held-out loss {before.get('mean', float('nan')):.4f} -> "
+          f"{after.get('mean', float('nan')):.4f} -> {OUT}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """Sheared pruning: masked forward, folding + slicing, training, resume, export."""
+import argparse
 import copy
 import json
+import os
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from shear.data import load_domains
@@ -12,9 +19,32 @@ from shear.models import architecture, count_parameters, make_tiny_model, save_m
 from shear.prune.depth import remove_blocks
 from shear.prune.l0 import L0Masks
 from shear.prune.sheared import MaskHooks, finalize, prune_sheared, train_masks
+from shear.trainer import make_accelerator, open_live, plan_run, read_checkpoint
+from tests.conftest import REPO
 
 SPEC = "layers=4,hidden=64,heads=4,kv_heads=2,mlp=128"
-TRAIN = dict(batch_size=2, lr_model=1e-4, lr_mask=1.0, lr_lambda=1.0, warmup_fraction=0.0, checkpoint_every=2)
+TRAIN = dict(lr_model=1e-4, lr_mask=1.0, lr_lambda=1.0, lagrangian_warmup_fraction=0.0, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return make_accelerator("cpu")
+
+
+def plan(steps, batch_size=2, grad_accum=1, lr_warmup_fraction=0.1):
+    return plan_run("prune.sheared", steps * batch_size * 32 * grad_accum, batch_size, 32, grad_accum, 1,
+                    lr_warmup_fraction)
+
+
+def train(model, masks, sampler, accelerator, steps, checkpoint_dir, log_dir, fingerprint="test", **extra):
+    """train_masks as the stage calls it: resume from `checkpoint_dir` when it holds this run."""
+    resume = read_checkpoint(checkpoint_dir, fingerprint, "sheared")
+    live = open_live(log_dir, resume["step"] if resume else None)
+    try:
+        return train_masks(model, masks, sampler, plan(steps), accelerator, checkpoint_dir=checkpoint_dir,
+                           fingerprint=fingerprint, live=live, resume=resume, **{**TRAIN, **extra})
+    finally:
+        live.end()
 
 
 
@@ -83,30 +113,24 @@ def test_zero_layer_mask_removes_the_layer():
     assert keep["layers"] == [0, 1, 3]
 
 
-def run(model, masks, shards, tmp_path, steps, **extra):
-    sampler = DomainSampler(load_domains(shards, "train"), seq_len=32, seed=0)
-    last = train_masks(model, masks, sampler, steps=steps, checkpoint_dir=tmp_path / "ckpt",
-                       log_dir=tmp_path / "logs", fingerprint="test", **{**TRAIN, **extra})
-    return last, sampler
-
-
-def test_expected_sparsity_moves_toward_target(tmp_path, shards):
+def test_expected_sparsity_moves_toward_target(tmp_path, shards, accelerator):
     model, _ = make_tiny_model(SPEC, seed=0)
     source = architecture(model.config)
     masks = L0Masks(source, {**source, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2})
     masks.constrain()
     before = {k: m.expected_sparsity().mean().item() for k, m in masks.masks.items()}
-    last, _ = run(model, masks, shards, tmp_path, steps=8)
+    sampler = DomainSampler(load_domains(shards, "train"), seq_len=32, seed=0)
+    last = train(model, masks, sampler, accelerator, 8, tmp_path / "ckpt", tmp_path / "logs").last
     after = {k: m.expected_sparsity().mean().item() for k, m in masks.masks.items()}
     for name in ("hidden", "mlp", "layer"):  # target sparsity 0.5 each; log-alpha starts saturated
         assert after[name] > before[name] + 0.02, (name, before[name], after[name])
         assert masks.lambdas[f"{name}_1"].item() < 0 < masks.lambdas[f"{name}_2"].item()  # ascent on the gap
-    assert set(last) == {"lm_loss", "lagrangian"}
+    assert set(last) == {"loss", "lm_loss", "lagrangian"}
     logged = (tmp_path / "logs" / "plots" / "metrics" / "expected_sparsity" / "hidden.tsv").read_text().splitlines()
     assert len(logged) == 1 + 8
 
 
-def test_resume_equals_uninterrupted(tmp_path, shards, tiny):
+def test_resume_equals_uninterrupted(tmp_path, shards, tiny, accelerator):
     changes = {"hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
 
     def fresh():
@@ -119,13 +143,13 @@ def test_resume_equals_uninterrupted(tmp_path, shards, tiny):
 
     domains = load_domains(shards, "train")
     rows = heldout_rows(shards, tiny[1], 2, seq_len=32)
-    common = dict(steps=5, fingerprint="same", heldout=rows, update_every=2, **TRAIN)
+    common = dict(steps=5, fingerprint="same", heldout=rows, update_every=2)
     run_a = dict(common, checkpoint_dir=tmp_path / "a", log_dir=tmp_path / "la")
     run_b = dict(common, checkpoint_dir=tmp_path / "b", log_dir=tmp_path / "lb")
 
     model_a, masks_a = fresh()
     sampler_a = dynamic(domains)
-    train_masks(model_a, masks_a, sampler_a, **run_a)
+    train(model_a, masks_a, sampler_a, accelerator, **run_a)
 
     # Interrupted run: dies while drawing the 4th batch (the last checkpoint is at step 2).
     model_b, masks_b = fresh()
@@ -141,10 +165,10 @@ def test_resume_equals_uninterrupted(tmp_path, shards, tiny):
 
     sampler_b.next_batch = dying_next
     with pytest.raises(KeyboardInterrupt):
-        train_masks(model_b, masks_b, sampler_b, **run_b)
+        train(model_b, masks_b, sampler_b, accelerator, **run_b)
     model_b, masks_b = fresh()
     sampler_b = dynamic(domains)
-    train_masks(model_b, masks_b, sampler_b, **run_b)
+    assert train(model_b, masks_b, sampler_b, accelerator, **run_b).resumed_from_step == 2
 
     for (name, a), b in zip(masks_a.state_dict().items(), masks_b.state_dict().values()):
         assert torch.equal(a, b), name
@@ -155,15 +179,17 @@ def test_resume_equals_uninterrupted(tmp_path, shards, tiny):
     assert [int(line.split("\t")[0]) for line in logged[1:]] == list(range(1, 6))  # no duplicated rows
 
 
-def test_prune_sheared_exports_the_target_shape(tmp_path, shards, tiny):
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_prune_sheared_exports_the_target_shape(tmp_path, shards, tiny, accelerator, activation_checkpointing):
     model, tok = tiny
     sampler = DomainSampler(load_domains(shards, "train"), seq_len=32, seed=0)
     source = architecture(model.config)
     target = {**source, "num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    masks = L0Masks(source, target, temperature=2 / 3, seed=0)
     pruned, record = prune_sheared(
-        model, target, sampler, tokens=4 * 2 * 32, batch_size=2, lr_model=0.0, lr_mask=1.0, lr_lambda=1.0,
-        warmup_fraction=0.5, temperature=2 / 3, checkpoint_every=10, checkpoint_dir=tmp_path / "ckpt",
-        log_dir=tmp_path / "logs", fingerprint="e2e", device=torch.device("cpu"))
+        model, masks, sampler, plan(4), accelerator, lr_model=1e-4 if activation_checkpointing else 0.0,
+        lr_mask=1.0, lr_lambda=1.0, lagrangian_warmup_fraction=0.5, checkpoint_every=10,
+        checkpoint_dir=tmp_path / "ckpt", fingerprint="e2e", activation_checkpointing=activation_checkpointing)
     assert {k: getattr(pruned.config, k) for k in target} == target
     assert record["training"]["steps"] == 4 and record["method"] == "sheared"
     assert set(record["lambdas"]) == {f"{n}_{i}" for n in ("layer", "head", "mlp", "hidden") for i in (1, 2)}
@@ -171,3 +197,111 @@ def test_prune_sheared_exports_the_target_shape(tmp_path, shards, tiny):
     json.loads((tmp_path / "out" / "shear.json").read_text())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path, shards, accelerator):
+    """Recomputing activations in backward gives the same masks and weights as keeping them."""
+    results = []
+    for on in (False, True):
+        model, _ = make_tiny_model(SPEC, seed=0)
+        source = architecture(model.config)
+        masks = L0Masks(source, {**source, "hidden_size": 48, "intermediate_size": 96}, seed=0)
+        sampler = DomainSampler(load_domains(shards, "train"), seq_len=32, seed=0)
+        train(model, masks, sampler, accelerator, 3, tmp_path / f"c{on}", tmp_path / f"l{on}",
+              activation_checkpointing=on)
+        results.append((masks.state_dict(), model.state_dict()))
+    for a, b in zip(*results):
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+# ----------------------------------------------------------------------------- several processes (gloo)
+
+TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "intermediate_size": 96}
+STEPS, GLOBAL_ROWS = 8, 4
+# gloo averages two half-batch gradients where one process sums one batch: the float sums
+# differ in order (~1e-7 relative) and Adam's normalisation carries that through 8 steps.
+TOLERANCE = 1e-4
+
+
+def write_stage_inputs(root, raw_corpus, num_processes):
+    """data/models/base, data/shards and params.yaml for a tiny sheared run of STEPS steps."""
+    from shear.data import build_shards
+
+    model, tok = make_tiny_model(SPEC, seed=0)
+    save_model(model, tok, root / "data/models/base", {"method": "tiny"})
+    build_shards(raw_corpus, tok, root / "data/shards", seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
+                 max_tokens_per_domain=200_000, seed=0)
+    params = {
+        "run": {"device": "cpu", "seed": 0},
+        "data": {"mixture": "dynamic"},
+        "mixture": {"eval_sequences": 2, "update_every": 2, "reference_loss": {"code": 0.0, "prose": 0.0}},
+        "prune": {"method": "sheared", "target": TARGET,
+                  "sheared": {"tokens": STEPS * GLOBAL_ROWS * 32, "batch_size": GLOBAL_ROWS // num_processes,
+                              "seq_len": 32, "lr_model": 1e-3, "lr_warmup_fraction": 0.25,
+                              "lagrangian_warmup_fraction": 0.5, "checkpoint_every": 2,
+                              "num_processes": num_processes}},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def final_state(root):
+    """The last checkpoint's masks, multipliers and weights, and its fingerprint."""
+    meta = json.loads((root / "data/checkpoints/prune/last/meta.json").read_text())
+    state = read_checkpoint(root / "data/checkpoints/prune", meta["fingerprint"], "test")
+    assert state["step"] == STEPS
+    return {**{f"masks.{k}": v for k, v in state["objective"]["masks"].items()}, **state["weights"]}, meta
+
+
+def run_stage_process(root, **popen):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "stages.prune_sheared"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_two_processes_equal_one_and_resume(tmp_path, raw_corpus, accelerator, monkeypatch):
+    """2 gloo processes (2 rows each) = 1 process (4 rows), uninterrupted and after a kill + resume."""
+    from shear.config import load_params
+    from stages import prune_sheared as stage
+
+    roots = {name: tmp_path / name for name in ("one", "two", "killed")}
+    for name, root in roots.items():
+        root.mkdir()
+        write_stage_inputs(root, raw_corpus, 1 if name == "one" else 2)
+
+    two = run_stage_process(roots["two"])
+    killed = run_stage_process(roots["killed"])
+    meta = roots["killed"] / "data/checkpoints/prune/last/meta.json"
+    while not meta.is_file() and killed.poll() is None:
+        time.sleep(0.01)
+    # The stage, its launcher and both ranks (torch elastic starts them in their own sessions), mid-run.
+    for process in [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]:
+        process.kill()
+    killed.wait()
+    killed_at = json.loads(meta.read_text())["step"]
+    assert killed_at < STEPS and not (roots["killed"] / "data/models/pruned").exists()
+
+    monkeypatch.chdir(roots["one"])  # the 1-process reference, in this process, meanwhile
+    stage.main(load_params("params.yaml"), argparse.Namespace(params="params.yaml"))
+    monkeypatch.chdir(tmp_path)
+    out, _ = two.communicate(timeout=600)
+    assert two.returncode == 0, out[-4000:]
+    resumed = run_stage_process(roots["killed"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-4000:]
+    assert f"sheared: resuming from data/checkpoints/prune/last at step {killed_at}" in out, out
+
+    reference, ref_meta = final_state(roots["one"])
+    for name in ("two", "killed"):
+        got, meta_got = final_state(roots[name])
+        assert meta_got["fingerprint"] == ref_meta["fingerprint"]  # the same run on any number of processes
+        assert list(got) == list(reference)
+        worst = max((got[k] - reference[k]).abs().max().item() for k in reference)
+        print(f"{name} vs one process: max |difference| of masks, multipliers and weights {worst:.2e}")
+        assert worst < TOLERANCE, (name, worst)
+        record = json.loads((roots[name] / "data/models/pruned/shear.json").read_text())
+        assert record["training"]["world_size"] == 2 and record["kept"] == \
+            json.loads((roots["one"] / "data/models/pruned/shear.json").read_text())["kept"]
+    assert json.loads((roots["killed"] / "data/models/pruned/shear.json").read_text())["training"][
+        "resumed_from_step"] == killed_at

@@ -17,8 +17,8 @@ from shear.errors import ShearError
 from shear.io import trim_logs
 from shear.mixture import build_sampler, heldout_rows
 from shear.models import make_tiny_model, save_model
-from shear.train import (apply_lora, check_train_tokens, load_teacher, lr_at, make_accelerator, read_checkpoint,
-                         steps_for_budget, train)
+from shear.train import apply_lora, load_teacher, train
+from shear.trainer import check_seq_len, check_train_tokens, lr_factor, make_accelerator, plan_run, read_checkpoint
 from tests.conftest import REPO
 
 SPEC = "layers=2,hidden=64,heads=4,kv_heads=2,mlp=128"
@@ -114,7 +114,7 @@ def test_resume_equals_uninterrupted(accelerator, shards, tmp_path, capsys, meth
     with pytest.raises(Killed):
         run(accelerator, shards, cfg, sampler=sampler, update_every=update_every, checkpoint_dir=tmp_path,
             run_id="run-a")
-    state = read_checkpoint(tmp_path, "run-a")
+    state = read_checkpoint(tmp_path, "run-a", "retrain")
     assert state["step"] == 4
 
     resumed, summary = run(accelerator, shards, cfg, sampler=make_sampler(shards, mixture),
@@ -128,7 +128,7 @@ def test_resume_equals_uninterrupted(accelerator, shards, tmp_path, capsys, meth
         assert torch.allclose(value, expected[name], atol=1e-6), name
 
     # A checkpoint of other params is ignored, and the user is told.
-    assert read_checkpoint(tmp_path, "run-b") is None
+    assert read_checkpoint(tmp_path, "run-b", "retrain") is None
     assert "ignoring the checkpoint" in capsys.readouterr().out
 
 
@@ -149,7 +149,7 @@ def test_distillation_from_itself_has_zero_kl(accelerator, shards):
 
 
 def test_lr_schedule():
-    lrs = [lr_at(s, 20, 4, 1e-3) for s in range(20)]
+    lrs = [1e-3 * lr_factor(s, 20, 4) for s in range(20)]
     assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3)
     assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
@@ -157,14 +157,18 @@ def test_lr_schedule():
 
 def test_errors(tmp_path):
     with pytest.raises(ShearError, match=r"retrain.tokens=100 is smaller than one optimizer step of 256"):
-        steps_for_budget(100, 2, 64, 2, 1)
+        plan_run("retrain", 100, 2, 64, 2, 1, 0.1)
+    assert plan_run("retrain", 1000, 2, 64, 2, 1, 0.5).total_steps == 3  # floor: 1000 // 256
+    with pytest.raises(ShearError, match=r"prune.sheared.seq_len=4096 is longer than the model's "
+                                         r"max_position_embeddings=2048"):
+        check_seq_len("prune.sheared", 4096, type("Config", (), {"max_position_embeddings": 2048})())
     model, _ = make_tiny_model(SPEC, seed=0)
     with pytest.raises(ShearError, match=r"'qkv_proj'.*valid: down_proj, gate_proj, k_proj, o_proj, q_proj"):
         apply_lora(model, 8, 16, 0.05, ["q_proj", "qkv_proj"])
     with pytest.raises(ShearError, match=r"retrain.distill > 0 needs the teacher .*missing"):
         load_teacher(tmp_path / "base", model, torch.device("cpu"))
     with pytest.raises(ShearError, match=r"retrain.seq_len=256 tokens \(the largest holds 100\)"):
-        check_train_tokens({"a": np.zeros((1, 100)), "b": np.zeros((0, 64))}, 256, tmp_path)
+        check_train_tokens("retrain", {"a": np.zeros((1, 100)), "b": np.zeros((0, 64))}, 256, tmp_path)
 
 
 def test_trim_logs(tmp_path):
@@ -198,12 +202,12 @@ def test_two_process_stage(tmp_path, raw_corpus):
     info = json.loads((tmp_path / "data/models/retrained/shear.json").read_text())["retrain"]
     assert info["world_size"] == 2 and info["steps"] == 6
     assert info["loss_after"]["mean"] < info["loss_before"]["mean"]
-    checkpoint = tmp_path / "data/checkpoints/retrain/last"
-    assert json.loads((checkpoint / "meta.json").read_text())["step"] == 6
-    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    checkpoint = tmp_path / "data/checkpoints/retrain"
+    meta = json.loads((checkpoint / "last" / "meta.json").read_text())
+    state = read_checkpoint(checkpoint, meta["fingerprint"], "test")
     assert len(state["rng"]) == 2 and state["step"] == 6
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "data/models/retrained")
-    assert torch.equal(trained.model.embed_tokens.weight, state["model"]["model.embed_tokens.weight"])
+    assert torch.equal(trained.model.embed_tokens.weight, state["weights"]["model.embed_tokens.weight"])
     assert (tmp_path / "reports/train/retrain/plots/metrics/train/loss.tsv").is_file()
 
 
@@ -224,3 +228,42 @@ def test_method_none_copies_the_pruned_model(tmp_path, shards, tiny, monkeypatch
     assert set(record["retrain"]["loss_after"]) == {"code", "prose"}
     for (name, a), (_, b) in zip(copied.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("stage,change,message", [
+    ("retrain", {"tokens": 10}, r"retrain.tokens=10 is smaller than one optimizer step"),
+    ("retrain", {"seq_len": 4096}, r"retrain.seq_len=4096 is longer than the model's max_position_embeddings=2048"),
+    ("retrain", {"distill": 0.5}, r"retrain.distill > 0 needs the teacher data/models/base"),
+    ("prune_sheared", {"tokens": 10}, r"prune.sheared.tokens=10 is smaller than one optimizer step"),
+    ("prune_sheared", {"seq_len": 4096}, r"prune.sheared.seq_len=4096 is longer than the model's "
+                                         r"max_position_embeddings=2048"),
+])
+def test_failing_run_leaves_outputs_and_logs(tmp_path, shards, monkeypatch, stage, change, message):
+    """Every check runs before the stage empties or writes its model, checkpoint or learning curves."""
+    import argparse
+    import importlib
+
+    from shear.config import Params
+
+    model, tok = make_tiny_model(SPEC, seed=0)
+    save_model(model, tok, tmp_path / "data/models/pruned", {"method": "depth"})
+    if stage == "prune_sheared":
+        save_model(model, tok, tmp_path / "data/models/base", {"method": "tiny"})
+    (tmp_path / "data/shards").symlink_to(shards)
+    out, name = ("data/models/retrained", "retrain") if stage == "retrain" else ("data/models/pruned", "prune")
+    previous = {f"reports/train/{name}/plots/metrics/train/loss.tsv": "step\tloss\n1\t3.0\n",
+                f"data/checkpoints/{name}/last/meta.json": "{}", f"{out}/marker": "previous output"}
+    for path, text in previous.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    params.run.device, params.prune.method, params.retrain.method = "cpu", "sheared", "cpt"
+    section = params.retrain if stage == "retrain" else params.prune.sheared
+    for key, value in change.items():
+        setattr(section, key, value)
+    with pytest.raises(ShearError, match=message):
+        importlib.import_module(f"stages.{stage}").main(params, argparse.Namespace(params="params.yaml"))
+    for path, text in previous.items():
+        assert (tmp_path / path).read_text() == text, path
+    assert sorted(p.name for p in (tmp_path / f"reports/train/{name}").iterdir()) == ["plots"]

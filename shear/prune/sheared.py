@@ -12,28 +12,26 @@
 
 The optimiser follows the reference run (princeton-nlp/LLM-Shearing, scripts/pruning.sh):
 AdamW with betas (0.9, 0.95), no weight decay, gradient clipping at 1.0, one learning-rate
-schedule for all groups (linear warm-up over the first 10% of steps, then cosine down to
-10%), and the mask and multiplier groups at lr 1.0.
+schedule for all groups (shear.trainer.lr_factor: linear warm-up over `lr_warmup_fraction`
+of the steps, 0.1 in the reference, then cosine down to 10%), and the mask and multiplier
+groups at lr 1.0. The loop, checkpoints and multi-process launch are the shared training-run
+scaffold's (shear/trainer.py): DDP over `accelerate` processes, each rank its slice of one
+global batch, micro-batches with gradient accumulation.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
+from shear import trainer
 from shear.errors import ShearError
-from shear.io import atomic_file, trim_logs
 from shear.prune.l0 import L0Masks
 
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
-LR_WARMUP_FRACTION = 0.1
-LR_FINAL_FACTOR = 0.1
-CHECKPOINT_FILE = "state.pt"
 
 
 # ----------------------------------------------------------------------------- masked forward
@@ -110,166 +108,147 @@ class MaskHooks:
         self.handles = []
 
 
-# ----------------------------------------------------------------------------- one step
-
-
-def lr_factor(step: int, total: int) -> float:
-    """Reference schedule: linear warm-up over 10% of the steps, then cosine down to 10%."""
-    warmup = max(1, round(LR_WARMUP_FRACTION * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return LR_FINAL_FACTOR + (1 - LR_FINAL_FACTOR) * 0.5 * (1 + math.cos(math.pi * progress))
+# ----------------------------------------------------------------------------- training
 
 
 def make_optimizer(model, masks: L0Masks, lr_model: float, lr_mask: float, lr_lambda: float):
     """AdamW with three groups: weights (descent), log-alphas (descent), multipliers (ascent)."""
     groups = [
-        {"params": list(masks.masks.parameters()), "lr": lr_mask},
-        {"params": list(masks.lambdas.parameters()), "lr": lr_lambda, "maximize": True},
+        {"params": list(masks.masks.parameters()), "lr": lr_mask, "weight_decay": 0.0},
+        {"params": list(masks.lambdas.parameters()), "lr": lr_lambda, "weight_decay": 0.0, "maximize": True},
     ]
     if lr_model > 0:
-        groups.insert(0, {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr_model})
-    return torch.optim.AdamW(groups, betas=BETAS, eps=1e-8, weight_decay=0.0)
+        groups.insert(0, {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr_model,
+                          "weight_decay": 0.0})
+    return trainer.make_optimizer(groups, BETAS)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+class ShearedObjective(trainer.Objective):
+    """LM loss under sampled hard-concrete masks plus the Lagrangian, for the shared training loop.
 
-
-def train_step(model, masks: L0Masks, hooks: MaskHooks, optimizer, batch: torch.Tensor,
-               progress: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One pruning step: sample masks, LM loss + Lagrangian, backward, clip, optimizer step.
-
-    Returns the step's LM loss and Lagrangian term as detached tensors (the caller decides
-    when to synchronise with the device).
+    One mask draw per optimizer step, shared by every micro-batch and every rank: the draw
+    comes from one generator seeded alike everywhere, re-drawn from the same generator state
+    for each micro-batch (so each micro-batch's graph is its own). The masks and multipliers
+    live outside the (DDP-wrapped) model, so their gradients are averaged across ranks here;
+    with identical gradients and optimizers they stay identical on every rank.
     """
-    masks.constrain()
-    hooks.set(masks.sample(generator))
-    with autocast(batch.device):
-        lm_loss = model(input_ids=batch, labels=batch).loss
-    lagrangian = masks.lagrangian(progress)
-    (lm_loss + lagrangian).backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"lm_loss": lm_loss.detach(), "lagrangian": lagrangian.detach()}
+
+    def __init__(self, masks: L0Masks, hooks: MaskHooks, accelerator, lagrangian_warmup_steps: int,
+                 source_params: float, seed: int):
+        self.masks, self.hooks, self.accelerator = masks, hooks, accelerator
+        self.warmup = lagrangian_warmup_steps
+        self.source_params = source_params
+        self.generator = torch.Generator().manual_seed(seed)
+        self.progress, self.draw_state = 1.0, None
+
+    def extra_parameters(self):
+        return list(self.masks.parameters())
+
+    def lagrangian_progress(self, step: int) -> float:
+        """Fraction of the target sparsity that step `step` (0-based) aims at: a linear ramp."""
+        return min(1.0, step / self.warmup) if self.warmup else 1.0
+
+    def begin_step(self, step):
+        self.masks.constrain()
+        self.progress = self.lagrangian_progress(step)
+        self.draw_state = self.generator.get_state()
+
+    def loss(self, model, ids, step):
+        self.generator.set_state(self.draw_state)
+        self.hooks.set(self.masks.sample(self.generator))
+        lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        lagrangian = self.masks.lagrangian(self.progress)
+        return lm_loss + lagrangian, {"lm_loss": lm_loss.detach(), "lagrangian": lagrangian.detach()}
+
+    def before_update(self):
+        if self.accelerator.num_processes > 1:
+            for p in self.masks.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def step_metrics(self, step):
+        metrics = {}
+        targets = self.masks.target_sparsity(self.progress)
+        with torch.no_grad():
+            scores = self.masks.expected_scores()
+            expected = self.masks.parameters_kept(scores).item()
+            for name, s in scores.items():
+                metrics[f"expected_size/{name}"] = s.sum(-1).mean().item()
+                metrics[f"expected_sparsity/{name}"] = 1 - s.mean().item()
+                metrics[f"target_sparsity/{name}"] = targets[name]
+            for name, lam in self.masks.lambdas.items():
+                metrics[f"lambda/{name}"] = lam.item()
+        metrics["expected_size/non_embedding_params"] = expected
+        metrics["expected_size/fraction_of_base"] = expected / self.source_params
+        return metrics
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        # The model as it currently stands: deterministic masks at their expected sizes.
+        self.hooks.set(self.masks.deterministic(exact=False))
+        yield
+
+    def state(self):
+        return {"masks": self.masks.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state(self, state):
+        self.masks.load_state_dict(state["masks"])
+        self.generator.set_state(state["generator"])
 
 
-# ----------------------------------------------------------------------------- training run
+def check_identical_on_ranks(accelerator, masks: L0Masks) -> None:
+    """Refuse to finalise if any rank's masks or multipliers differ from rank 0's (a bug)."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in masks.parameters()]).unsqueeze(0)
+    every = accelerator.gather(flat)
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise ShearError("sheared pruning: the masks differ across processes (a bug); report it with your params")
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_file(path, "wb") as f:
-        torch.save(state, f)
+def train_masks(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerator, *, lr_model: float,
+                lr_mask: float, lr_lambda: float, lagrangian_warmup_fraction: float, checkpoint_every: int,
+                checkpoint_dir: str | Path, fingerprint: str, live=None, resume: Optional[dict] = None,
+                seed: int = 0, heldout: Optional[dict[str, torch.Tensor]] = None, update_every: int = 10,
+                activation_checkpointing: bool = False) -> trainer.RunResult:
+    """Learn the masks (and the weights unless lr_model is 0) for `plan.total_steps` optimizer steps.
 
-
-def _log_step(live, masks: L0Masks, source_params: float, step: int, metrics: dict, targets: dict, lr: float):
-    """Write one step's pruning metrics to DVCLive."""
-    live.step = step
-    live.log_metric("train/lm_loss", metrics["lm_loss"])
-    live.log_metric("train/lagrangian", metrics["lagrangian"])
-    live.log_metric("train/lr_factor", lr)
-    with torch.no_grad():
-        scores = masks.expected_scores()
-        expected = masks.parameters_kept(scores).item()
-        for name, s in scores.items():
-            live.log_metric(f"expected_size/{name}", s.sum(-1).mean().item())
-            live.log_metric(f"expected_sparsity/{name}", 1 - s.mean().item())
-            live.log_metric(f"target_sparsity/{name}", targets[name])
-        for name, lam in masks.lambdas.items():
-            live.log_metric(f"lambda/{name}", lam.item())
-    live.log_metric("expected_size/non_embedding_params", expected)
-    live.log_metric("expected_size/fraction_of_base", expected / source_params)
-    live.next_step()
-
-
-def train_masks(model, masks: L0Masks, sampler, *, steps: int, batch_size: int, lr_model: float,
-                lr_mask: float, lr_lambda: float, warmup_fraction: float, checkpoint_every: int,
-                checkpoint_dir: str | Path, log_dir: str | Path, fingerprint: str, seed: int = 0,
-                heldout: Optional[dict[str, torch.Tensor]] = None, update_every: int = 10) -> dict:
-    """Learn the masks (and the weights unless lr_model is 0) for `steps` optimizer steps.
-
-    `model` and `masks` must be on the training device. Batches come from `sampler`; when
-    `heldout` is given the sampler is dynamic and is updated every `update_every` steps from
-    the held-out losses of the model as it currently stands (deterministic masks at their
-    expected sizes). A checkpoint (weights if trained, masks, multipliers, optimizer,
-    scheduler, sampler, RNG, step) is written to `checkpoint_dir` every `checkpoint_every`
-    steps and at the end; a later call with the same `fingerprint` resumes from it and
-    reaches the same result. Returns the last step's metrics.
+    Runs the shared loop of shear/trainer.py on `accelerator`'s processes (the model is
+    DDP-wrapped when its weights train). When `heldout` is given the sampler is dynamic and
+    is updated every `update_every` steps from the held-out losses of the model as it
+    currently stands (deterministic masks at their expected sizes). A checkpoint (trained
+    weights, masks, multipliers, optimizer, sampler, RNG, step) is written to
+    `checkpoint_dir` every `checkpoint_every` steps and at the end; `resume` (a state from
+    `shear.trainer.read_checkpoint` with the same `fingerprint`) continues it to the same
+    result. `masks` and `model` are left on the accelerator's device.
     """
-    from dvclive import Live
-
-    from shear.mixture import domain_losses, log_mixture
-
-    device = next(masks.parameters()).device
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE
-    log_dir = Path(log_dir)
     if lr_model <= 0:
         model.requires_grad_(False)
-    model.train()
-    hooks = MaskHooks(model, masks)
+    if activation_checkpointing:
+        trainer.set_activation_checkpointing(model, True)
+    masks.to(accelerator.device)
+    hooks = MaskHooks(model, masks)  # on the plain model's modules, before any wrapping
     optimizer = make_optimizer(model, masks, lr_model, lr_mask, lr_lambda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
-    generator = torch.Generator().manual_seed(seed)
-    warmup_steps = round(warmup_fraction * steps)
+    if lr_model > 0:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # nothing of the model trains: DDP has nothing to synchronise
+        model = model.to(accelerator.device)
+        optimizer = accelerator.prepare(optimizer)
     source_params = masks.parameters_kept({n: torch.ones_like(m.log_alpha) for n, m in masks.masks.items()}).item()
-
-    start, last = 0, {}
-    # Loaded on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.is_file() else None
-    if state is not None and state["fingerprint"] == fingerprint:
-        if state.get("model") is not None:
-            model.load_state_dict(state["model"])
-        masks.load_state_dict(state["masks"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        generator.set_state(state["rng"]["masks"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start, last = state["step"], state["last"]
-        trim_logs(log_dir, start)
-        print(f"sheared: resuming from {checkpoint} at step {start}/{steps}")
-    elif state is not None:
-        print(f"sheared: {checkpoint} belongs to another run (params changed); starting afresh")
-    live = Live(str(log_dir), resume=start > 0, dvcyaml=False, save_dvc_exp=False, report=None)
-
-    def save(step: int) -> None:
-        _save_checkpoint(checkpoint, {
-            "fingerprint": fingerprint, "step": step, "last": last,
-            "model": model.state_dict() if lr_model > 0 else None,
-            "masks": masks.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-            "rng": {"masks": generator.get_state(), "torch": torch.get_rng_state()},
-        })
-
-    bar = tqdm(range(start, steps), desc="sheared pruning", unit="step", initial=start, total=steps)
+    objective = ShearedObjective(masks, hooks, accelerator, round(lagrangian_warmup_fraction * plan.total_steps),
+                                 source_params, seed)
     try:
-        for step in bar:
-            batch, _ = sampler.next_batch(batch_size)
-            progress = min(1.0, step / warmup_steps) if warmup_steps else 1.0
-            out = train_step(model, masks, hooks, optimizer, batch.to(device), progress, generator)
-            scheduler.step()
-            done = step + 1
-            last = {k: float(v) for k, v in out.items()}
-            if heldout is not None and done % update_every == 0:
-                hooks.set(masks.deterministic(exact=False))
-                losses = domain_losses(model, heldout)
-                sampler.update(losses)
-                log_mixture(live, sampler, losses, done)
-            _log_step(live, masks, source_params, done, last, masks.target_sparsity(progress),
-                      lr_factor(step, steps))
-            bar.set_postfix(lm_loss=f"{last['lm_loss']:.3f}", lag=f"{last['lagrangian']:.3f}")
-            if done % checkpoint_every == 0 or done == steps:
-                save(done)
+        result = trainer.fit(model, optimizer, objective, sampler, plan, accelerator, desc="sheared pruning",
+                             grad_clip=GRAD_CLIP, eval_rows=heldout, update_every=update_every if heldout else None,
+                             live=live, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                             fingerprint=fingerprint, resume=resume, seed=seed)
     finally:
         hooks.remove()
-        live.end()
-    return last
+        if activation_checkpointing:
+            trainer.set_activation_checkpointing(accelerator.unwrap_model(model), False)
+    masks.constrain()
+    check_identical_on_ranks(accelerator, masks)
+    return result
 
 
 # ----------------------------------------------------------------------------- finalisation
@@ -319,40 +298,41 @@ def finalize(model, masks: L0Masks):
     return model, keep, z
 
 
-def prune_sheared(model, target: dict, sampler, *, tokens: int, batch_size: int, lr_model: float,
-                  lr_mask: float, lr_lambda: float, warmup_fraction: float, temperature: float,
-                  checkpoint_every: int, checkpoint_dir: str | Path, log_dir: str | Path, fingerprint: str,
-                  device: torch.device, seed: int = 0, heldout: Optional[dict[str, torch.Tensor]] = None,
-                  update_every: int = 10):
-    """The whole method: masks from the source and target shapes, training, finalisation.
+def prune_sheared(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerator, *, lr_model: float,
+                  lr_mask: float, lr_lambda: float, lagrangian_warmup_fraction: float, checkpoint_every: int,
+                  checkpoint_dir: str | Path, fingerprint: str, live=None, resume: Optional[dict] = None,
+                  seed: int = 0, heldout: Optional[dict[str, torch.Tensor]] = None, update_every: int = 10,
+                  activation_checkpointing: bool = False):
+    """The whole method: training the masks (`train_masks`), then finalisation on rank 0.
 
-    Returns (pruned model on the CPU, record for shear.json).
+    Returns (pruned model on the CPU, record for shear.json) on rank 0, (None, record) elsewhere.
     """
-    from shear.models import architecture
-
-    source = architecture(model.config)
-    masks = L0Masks(source, target, temperature=temperature, seed=seed)
-    steps = max(1, math.ceil(tokens / (batch_size * sampler.seq_len)))
-    model.to(device)
-    masks.to(device)
-    last = train_masks(model, masks, sampler, steps=steps, batch_size=batch_size, lr_model=lr_model,
-                       lr_mask=lr_mask, lr_lambda=lr_lambda, warmup_fraction=warmup_fraction,
-                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_dir=log_dir,
-                       fingerprint=fingerprint, seed=seed, heldout=heldout, update_every=update_every)
+    result = train_masks(model, masks, sampler, plan, accelerator, lr_model=lr_model, lr_mask=lr_mask,
+                         lr_lambda=lr_lambda, lagrangian_warmup_fraction=lagrangian_warmup_fraction,
+                         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+                         live=live, resume=resume, seed=seed, heldout=heldout, update_every=update_every,
+                         activation_checkpointing=activation_checkpointing)
     with torch.no_grad():
         scores = masks.expected_scores()
         expected = {name: s.sum(-1).mean().item() for name, s in scores.items()}
         expected["non_embedding_params"] = masks.parameters_kept(scores).item()
-    model, keep, _ = finalize(model.cpu(), masks.cpu())
     record = {
         "method": "sheared",
         "target": dict(masks.target),
-        "kept": keep,
         "lambdas": {name: lam.item() for name, lam in masks.lambdas.items()},
         "expected_sizes": expected,
         "mixture": {"final_weights": dict(sampler.weights), "history": getattr(sampler, "history", [])},
-        "training": {"steps": steps, "tokens": steps * batch_size * sampler.seq_len, "batch_size": batch_size,
-                     "seq_len": sampler.seq_len, "lr_model": lr_model, "lr_mask": lr_mask, "lr_lambda": lr_lambda,
-                     "warmup_fraction": warmup_fraction, "temperature": temperature, "final": last},
+        "training": {"steps": plan.total_steps, "tokens": plan.total_steps * plan.tokens_per_step,
+                     "tokens_per_step": plan.tokens_per_step, "batch_size": plan.batch_size,
+                     "grad_accum": plan.grad_accum, "world_size": plan.world_size, "seq_len": plan.seq_len,
+                     "lr_model": lr_model, "lr_mask": lr_mask, "lr_lambda": lr_lambda,
+                     "lr_warmup_steps": plan.warmup_steps, "lagrangian_warmup_fraction": lagrangian_warmup_fraction,
+                     "temperature": masks.masks["layer"].temperature,
+                     "resumed_from_step": result.resumed_from_step, "train_s": round(result.train_s, 1),
+                     "final": result.last},
     }
+    if not accelerator.is_main_process:
+        return None, record
+    model, keep, _ = finalize(model.cpu(), masks.cpu())
+    record["kept"] = keep
     return model, record
