@@ -164,7 +164,7 @@ def run_case(family: str, method: str, out_dir) -> dict:
         rows = np.random.default_rng(0).integers(0, 256, 4 * 16 * 8).astype(np.uint16)
         sampler = DomainSampler({"random": rows}, seq_len=16, seed=0)
         trained, run = prune_sheared(
-            copy.deepcopy(model), target, sampler, tokens=3 * 2 * 16, batch_size=2, lr_model=1e-3, lr_mask=1.0,
+            copy.deepcopy(model), target, sampler, tokens=2 * 2 * 16, batch_size=2, lr_model=1e-3, lr_mask=1.0,
             lr_lambda=1.0, warmup_fraction=0.0, temperature=2 / 3, checkpoint_every=10,
             checkpoint_dir=out_dir / "ckpt", log_dir=out_dir / "logs", fingerprint=family, device=torch.device("cpu"))
         assert np.isfinite(run["training"]["final"]["lm_loss"]) and source_shape(trained.config) == target
@@ -179,8 +179,8 @@ def run_case(family: str, method: str, out_dir) -> dict:
     got = logits(loaded)
     prompt = IDS[:1, :6]
     with torch.no_grad():
-        cached = loaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-        uncached = loaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+        cached = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
     torch.save(got, out_dir / "logits.pt")
     return {
         "class": type(model).__name__,
