@@ -360,5 +360,44 @@ def save_model(model, tokenizer, directory: str | Path, record: dict[str, Any]) 
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _for_older_readers(tmp)
         (tmp / "shear.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def legacy_config_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The config.json keys transformers 4.x reads that 5.x writes under other names.
+
+    4.x reads `torch_dtype` (5.x: `dtype`) and the RoPE settings from top-level `rope_theta` and
+    `rope_scaling` (5.x: `rope_parameters`; Gemma 3: one entry per layer type, the sliding one
+    being 4.x's `rope_local_base_freq`). A missing key is read silently as a default (Llama-3's
+    theta 500000 as 10000, no llama3 scaling), so the model would load and compute wrong logits.
+    """
+    extra: dict[str, Any] = {}
+    if "dtype" in config:
+        extra["torch_dtype"] = config["dtype"]
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "full_attention" in rope:
+        if "sliding_attention" in rope:
+            extra["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        extra["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        extra["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    return {k: v for k, v in extra.items() if k not in config}
+
+
+def _for_older_readers(directory: Path) -> None:
+    """Make a saved checkpoint readable by transformers 4.x as well: the legacy config keys,
+    and a tokenizer class 4.x knows (5.x writes `TokenizersBackend`; the tokenizer.json beside
+    it holds the whole tokenizer, which 4.x's PreTrainedTokenizerFast loads as it is)."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, **legacy_config_keys(config)}, indent=2, sort_keys=True) + "\n")
+    path = directory / "tokenizer_config.json"
+    if path.is_file() and (directory / "tokenizer.json").is_file():
+        tok = json.loads(path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")

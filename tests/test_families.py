@@ -40,13 +40,17 @@ SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_la
              eos_token_id=TOKENIZER.eos_token_id, pad_token_id=TOKENIZER.pad_token_id)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0}  # Qwen2/3's own theta, not the class default
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},  # as Gemma 3 4B+
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 FAMILIES = {
     "llama3": lambda: LlamaConfig(**SHAPE, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False),
-    "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),
-    "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=16),
+    "qwen2": lambda: Qwen2Config(**SHAPE, rope_parameters=QWEN_ROPE, tie_word_embeddings=True),
+    "qwen3": lambda: Qwen3Config(**SHAPE, rope_parameters=QWEN_ROPE, head_dim=16),
     "mistral": lambda: MistralConfig(**SHAPE, sliding_window=8),
     "gemma3": lambda: Gemma3TextConfig(
         **SHAPE, head_dim=16, sliding_window=8, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+        rope_parameters=GEMMA3_ROPE,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
     "llama_bias": lambda: LlamaConfig(**SHAPE, attention_bias=True, mlp_bias=True),
     "llama_head_dim": lambda: LlamaConfig(**SHAPE, head_dim=24),  # 4 heads x 24 != hidden 64
