@@ -27,7 +27,7 @@ def main(params, args):
     device = pick_device(params.run.device)
     model, tokenizer, base_record = load_model(BASE)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align" and v is not None}
-    target = resolve_target(model.config, target_keys, prune.target.align)
+    target = resolve_target(model.config, target_keys, prune.target.align, prune.target.tp_divisible)
 
     domains = load_domains(SHARDS, "train", tokenizer)
     kind = params.mixture_kind()
