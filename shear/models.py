@@ -184,6 +184,14 @@ def architecture(config) -> dict[str, Any]:
     }
 
 
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states as the model's own forward computes them: the LM head,
+    then the family's final logit soft-capping (Gemma 3: cap * tanh(logits / cap))."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def count_parameters(model) -> dict[str, int]:
     """Total (tied weights counted once) and non-embedding parameter counts."""
     seen: set[int] = set()

@@ -276,3 +276,19 @@ def test_fused_projections_are_refused():
     config.architectures = ["Phi3ForCausalLM"]
     with pytest.raises(ShearError, match=r"model type 'phi3' \(Phi3ForCausalLM\) is not LlamaForCausalLM-compatible"):
         check_supported(config, "some/dir")
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_perplexity_and_block_scores_use_the_models_own_logits(family):
+    """Evaluation and block scoring run the LM head themselves: Gemma's final soft-capping included."""
+    from shear.evaluate import perplexity
+    from shear.importance.blocks import _suffix_nll
+
+    model = make_model(family)
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 2.0  # a cap that bites on random logits
+    with torch.no_grad():
+        loss = model(IDS, labels=IDS).loss.item()
+        assert perplexity(model, IDS, batch_size=2)["loss"] == pytest.approx(loss, rel=1e-5)
+        embedded = model.get_input_embeddings()(IDS)
+        assert _suffix_nll(model, embedded, 0, IDS).sum().item() / IDS[:, 1:].numel() == pytest.approx(loss, rel=1e-5)
