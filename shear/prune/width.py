@@ -1,16 +1,21 @@
-"""Width pruning: slice attention heads, MLP neurons and hidden channels out of a LLaMA model.
+"""Width pruning: slice attention heads, MLP neurons and hidden channels out of a model of a
+supported family (LLaMA's block layout; see `shear.models.layout` for what differs).
 
 `slice_model` cuts the weights to the units listed in `keep`; `width_prune` picks those
 units from importance scores (shear/importance/width.py), the same number in every layer,
-so the result is a standard LLaMA checkpoint of exactly the target shape.
+so the result is a standard checkpoint of the same class and exactly the target shape.
 
-What a removed unit means (the sliced model equals the unsliced model with these zeroed):
-- a query head: its o_proj input columns (its contribution to the residual stream);
+What a removed unit means (the sliced model equals the unsliced model with these zeroed;
+every other bias stays as it is):
+- a query head: its o_proj input columns (its contribution to the residual stream; its q
+  bias and q_norm then act on nothing);
 - a KV group: the o_proj columns of every query head reading it (and its k/v rows);
 - an MLP neuron: its down_proj input column;
 - a hidden channel: that channel everywhere in the residual stream (embedding column,
-  o_proj and down_proj output rows), so it stays zero; RMSNorm still averages over all d
-  channels, which the rescaled norm weights and epsilon of the sliced model reproduce.
+  o_proj and down_proj output rows and their bias entries), so it stays zero; RMSNorm still
+  averages over all d channels, which the rescaled norm weights and epsilon of the sliced
+  model reproduce. (Its bias entries must go with it: a bias alone would put a constant into
+  the removed channel that every later norm's mean would see.)
 """
 from __future__ import annotations
 
