@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from shear.importance.width import magnitude_scores
 from shear.io import atomic_file, write_json
 from shear.models import offline, save_model
 from shear.prune.depth import remove_blocks
 from shear.prune.shapes import source_shape
 from shear.prune.width import choose_units, slice_model
-from shear.importance.width import magnitude_scores
 from shear.speed import machine_info
 from tests.test_families import EXPLICIT, TOKENIZER, make_model
 

@@ -21,18 +21,24 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from shear.importance.width import magnitude_scores
 from shear.mixture import DomainSampler
-from shear.models import (architecture, byte_tokenizer, check_supported, count_parameters, layout,
-                          residual_writers, save_model)
+from shear.models import (
+    architecture,
+    byte_tokenizer,
+    check_supported,
+    count_parameters,
+    layout,
+    residual_writers,
+    save_model,
+)
 from shear.prune.depth import remove_blocks
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target, shape_parameters, source_shape
 from shear.prune.sheared import MaskHooks, finalize, prune_sheared
-from shear.prune.width import choose_units, slice_model, width_prune
+from shear.prune.width import choose_units, width_prune
 
 TOKENIZER = byte_tokenizer()
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
