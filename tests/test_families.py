@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from shear.importance.width import magnitude_scores
+from shear.importance.width import width_scores
 from shear.mixture import DomainSampler
 from shear.models import (
     architecture,
@@ -31,6 +31,7 @@ from shear.models import (
     check_supported,
     count_parameters,
     layout,
+    load_model,
     residual_writers,
     save_model,
 )
@@ -166,9 +167,11 @@ def run_case(family: str, method: str, out_dir) -> dict:
         wanted = EXPLICIT if method == "width_explicit" else \
             {"params": int(0.6 * shape_parameters(source, 0, True, facts)["non_embedding"])}
         target = resolve_target(model.config, wanted, align=8, tp_divisible=8)
-        keep = choose_units(magnitude_scores(model), source, target)
+        # the two data-driven criteria, so their hooks and gradients run on every family
+        scores = width_scores(model, IDS, "taylor" if method == "width_explicit" else "activation", batch_size=2)
+        keep = choose_units(scores, source, target)
         reference = logits(zeroed(model, keep))
-        pruned, record = width_prune(copy.deepcopy(model), target, magnitude_scores(model))
+        pruned, record = width_prune(copy.deepcopy(model), target, scores)
     else:  # sheared: a short training run must reach the target; exact masks folded and cut == masked
         target = {**source, **EXPLICIT}
         rows = np.random.default_rng(0).integers(0, 256, 4 * 16 * 8).astype(np.uint16)
@@ -185,7 +188,7 @@ def run_case(family: str, method: str, out_dir) -> dict:
         record = {"method": "sheared", "kept": keep}
         l0_count = masks.parameters_kept({k: (v != 0).float() for k, v in z.items()}).item()
     info = save_model(pruned, TOKENIZER, out_dir / "model", record)
-    loaded = AutoModelForCausalLM.from_pretrained(out_dir / "model", dtype=torch.float32).eval()
+    loaded, _, _ = load_model(out_dir / "model")  # the project's loader: the family is accepted
     got = logits(loaded)
     prompt = IDS[:1, :6]
     with torch.no_grad():
@@ -241,12 +244,13 @@ def matrix(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", FRESH, json.dumps(done)], capture_output=True, text=True,
                           timeout=300)
     fresh = json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else {}
-    print(f"\n{'family':15} {'method':15} {'max|diff|':>9} {'fresh':>9} {'non-emb':>8} {'predicted':>9} "
+    print(f"\n{'family':15} {'method':15} {'max|diff|':>9} {'vs full':>8} {'fresh':>9} {'non-emb':>8} {'predicted':>9} "
           f"{'budget':>7} tp cache shape")
     for (f, m), r in results.items():
         if isinstance(r, dict):
             r["fresh"] = fresh.get(f"{f}/{m}")
-            print(f"{f:15} {m:15} {r['max_diff']:9.2e} {r['fresh'][1] if r['fresh'] else float('nan'):9.2e} "
+            print(f"{f:15} {m:15} {r['max_diff']:9.2e} {r['removed_mattered']:8.2f} "
+                  f"{r['fresh'][1] if r['fresh'] else float('nan'):9.2e} "
                   f"{r['counted']['non_embedding']:8} {r['predicted']['non_embedding']:9} {r['budget'] or '':>7} "
                   f"{r['tensor_parallel']:2} {str(r['cache_equal']):5} {list(r['shape'].values())}")
         else:
