@@ -130,6 +130,9 @@ class TargetShape:
     intermediate_size: Optional[int] = field(default=None, metadata=_range(1))
     # with a budget: round each dimension to a multiple of this when it runs faster
     align: int = field(default=64, metadata=_range(1))
+    # with a budget: prefer head / KV head / MLP counts that split evenly over this many devices
+    # for tensor parallelism (then half as many, ...); 1 = no preference
+    tp_divisible: Literal[1, 2, 4, 8] = 8
 
 
 @dataclass

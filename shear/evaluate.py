@@ -29,6 +29,7 @@ from tqdm import tqdm
 from shear.data import rechunk
 from shear.errors import ShearError
 from shear.lmeval_tasks import BUILTIN_TASKS, write_tasks
+from shear.models import lm_logits
 
 LOGITS_CHUNK = 2048  # positions per lm_head call: bounds the [tokens, vocab] logits in memory
 
@@ -54,7 +55,6 @@ def perplexity(model, rows: torch.Tensor, batch_size: int, bos_token_id: int | N
     was_training = model.training
     model.eval()
     device = model.get_input_embeddings().weight.device
-    head = model.get_output_embeddings()
     total_nll = torch.zeros((), dtype=torch.float64)
     total_tokens = 0
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
@@ -67,7 +67,7 @@ def perplexity(model, rows: torch.Tensor, batch_size: int, bos_token_id: int | N
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = batch[:, 1:].reshape(-1)
         for i in range(0, len(targets), LOGITS_CHUNK):
-            logits = head(hidden[i:i + LOGITS_CHUNK]).float()
+            logits = lm_logits(model, hidden[i:i + LOGITS_CHUNK]).float()  # soft-capped as the model does
             target_logit = logits.gather(1, targets[i:i + LOGITS_CHUNK, None]).squeeze(1)
             total_nll += (torch.logsumexp(logits, dim=-1) - target_logit).sum().double().cpu()
         total_tokens += len(targets)

@@ -20,9 +20,13 @@ import torch
 from shear.errors import ShearError
 from shear.io import atomic_dir, read_json
 
-# Architectures whose weights have LLaMA's layout (model.layers[i].self_attn.{q,k,v,o}_proj,
-# mlp.{gate,up,down}_proj, RMSNorm, RoPE), so every pruning method applies unchanged.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Families whose blocks have LLaMA's layout (model.layers[i].self_attn.{q,k,v,o}_proj,
+# mlp.{gate,up,down}_proj, RMSNorms, RoPE), model_type -> architecture. What differs between
+# them (biases, q/k norms, Gemma's extra norms and scaled embeddings) is described by `layout`.
+# Phi-3 is refused: its fused qkv_proj / gate_up_proj would need every method to split them.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 
 TINY_DEFAULTS = {"layers": 4, "hidden": 64, "heads": 4, "kv_heads": 2, "mlp": 128, "vocab": 320, "tied": 1}
 
@@ -88,8 +92,7 @@ def check_supported(config, where: str) -> None:
     """Refuse a model whose architecture is not LlamaForCausalLM-compatible."""
     archs = list(getattr(config, "architectures", None) or [])
     model_type = getattr(config, "model_type", "?")
-    known = {"llama", "mistral", "qwen2"}
-    if model_type not in known or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+    if model_type not in FAMILIES or (archs and FAMILIES[model_type] not in archs):
         raise ShearError(
             f"{where}: model type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not "
             f"LlamaForCausalLM-compatible; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -99,6 +102,71 @@ def check_supported(config, where: str) -> None:
 def head_dim(config) -> int:
     """The per-head dimension, explicit in the config or hidden_size / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# The layout of a plain LLaMA block (SmolLM2, Llama-2/3, Mistral): see `layout`.
+PLAIN_LAYOUT = {"qkv_bias": False, "o_bias": False, "mlp_bias": False, "qk_norm": False, "norms_per_block": 2,
+                "post_norms": False, "unit_offset_norm": False, "embed_scale": False}
+
+
+def layout(config) -> dict[str, Any]:
+    """What a block of this family holds beyond LLaMA's weights, and how its norms behave.
+
+    qkv_bias / o_bias / mlp_bias: biases on q,k,v / o / gate,up,down (Qwen2 always has q,k,v
+    biases; Llama, Qwen3 and Gemma 3 follow `attention_bias` / `mlp_bias`); qk_norm: a q_norm and
+    a k_norm over head_dim (Qwen3, Gemma 3); norms_per_block: hidden-sized RMSNorms per block
+    (Gemma 3 adds pre/post feed-forward norms); post_norms: the attention and MLP outputs pass an
+    RMSNorm before the residual add (Gemma 3); unit_offset_norm: RMSNorm scales by (1 + w), not
+    w (Gemma 3); embed_scale: embeddings are multiplied by sqrt(hidden_size) (Gemma 3).
+    """
+    family = config.model_type
+    gemma = family == "gemma3_text"
+    attention_bias = bool(getattr(config, "attention_bias", False)) and family in ("llama", "qwen3", "gemma3_text")
+    return {
+        "qkv_bias": attention_bias or family == "qwen2",
+        "o_bias": attention_bias,
+        "mlp_bias": family == "llama" and bool(getattr(config, "mlp_bias", False)),
+        "qk_norm": family in ("qwen3", "gemma3_text"),
+        "norms_per_block": 4 if gemma else 2,
+        "post_norms": gemma,
+        "unit_offset_norm": gemma,
+        "embed_scale": gemma,
+    }
+
+
+def block_norms(layer) -> list:
+    """The hidden-sized RMSNorms of a block (input, post-attention and, in Gemma 3, pre/post feed-forward)."""
+    return [m for name, m in layer.named_children() if name.endswith("layernorm")]
+
+
+def norm_feeding(layer) -> tuple:
+    """The norms whose outputs are the attention and the MLP inputs."""
+    return layer.input_layernorm, getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+
+
+def residual_writers(layer) -> list[tuple]:
+    """(projection, module whose output is added to the residual stream) for attention and MLP:
+    the projection itself, or in Gemma 3 the norm that follows it."""
+    attn, mlp = layer.self_attn.o_proj, layer.mlp.down_proj
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return [(attn, layer.post_attention_layernorm), (mlp, layer.post_feedforward_layernorm)]
+    return [(attn, attn), (mlp, mlp)]
+
+
+# Tensor-parallel degrees a shape can be checked for (and the planner can prefer).
+TP_DEGREES = (8, 4, 2, 1)
+
+
+def tensor_parallel(shape: dict, limit: int = 8) -> int:
+    """The largest of 8, 4, 2, 1 (at most `limit`) devices this shape splits over evenly for
+    tensor parallelism: query heads and MLP neurons divide by it, and KV heads divide by it
+    or it by them (serving engines replicate KV heads when there are fewer than devices)."""
+    for t in (t for t in TP_DEGREES if t <= limit):
+        nkv = shape["num_key_value_heads"]
+        if (shape["num_attention_heads"] % t == 0 and shape["intermediate_size"] % t == 0
+                and (nkv % t == 0 or t % nkv == 0)):
+            return t
+    return 1
 
 
 def architecture(config) -> dict[str, Any]:
@@ -114,6 +182,14 @@ def architecture(config) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
     }
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states as the model's own forward computes them: the LM head,
+    then the family's final logit soft-capping (Gemma 3: cap * tanh(logits / cap))."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def count_parameters(model) -> dict[str, int]:
@@ -278,14 +354,58 @@ def save_model(model, tokenizer, directory: str | Path, record: dict[str, Any]) 
     `record` says how the model was made (source, method, removed units, ...); the
     architecture facts and parameter counts are added here so they always match the weights.
     """
+    config = model.config
     info = {
         **record,
-        "architecture": architecture(model.config),
+        "architecture": architecture(config),
+        "layout": layout(config),
+        # the largest of 8/4/2/1 devices the heads and MLP split over evenly (tensor parallelism)
+        "tensor_parallel": tensor_parallel({k: getattr(config, k) for k in (
+            "num_attention_heads", "num_key_value_heads", "intermediate_size")}),
         "parameters": count_parameters(model),
     }
     model.config.architectures = [type(model).__name__]
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _for_older_readers(tmp)
         (tmp / "shear.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def legacy_config_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The config.json keys transformers 4.x reads that 5.x writes under other names.
+
+    4.x reads `torch_dtype` (5.x: `dtype`) and the RoPE settings from top-level `rope_theta` and
+    `rope_scaling` (5.x: `rope_parameters`; Gemma 3: one entry per layer type, the sliding one
+    being 4.x's `rope_local_base_freq`). A missing key is read silently as a default (Llama-3's
+    theta 500000 as 10000, no llama3 scaling), so the model would load and compute wrong logits.
+    """
+    extra: dict[str, Any] = {}
+    if "dtype" in config:
+        extra["torch_dtype"] = config["dtype"]
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "full_attention" in rope:
+        if "sliding_attention" in rope:
+            extra["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        extra["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        extra["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    return {k: v for k, v in extra.items() if k not in config}
+
+
+def _for_older_readers(directory: Path) -> None:
+    """Make a saved checkpoint readable by transformers 4.x as well: the legacy config keys,
+    and a tokenizer class 4.x knows (5.x writes `TokenizersBackend`; the tokenizer.json beside
+    it holds the whole tokenizer, which 4.x's PreTrainedTokenizerFast loads as it is)."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, **legacy_config_keys(config)}, indent=2, sort_keys=True) + "\n")
+    path = directory / "tokenizer_config.json"
+    if path.is_file() and (directory / "tokenizer.json").is_file():
+        tok = json.loads(path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")

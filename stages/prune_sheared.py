@@ -20,7 +20,7 @@ from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
 from shear.io import model_digest, recover_dir, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
-from shear.models import architecture, count_parameters, load_model, save_model
+from shear.models import architecture, count_parameters, layout, load_model, save_model
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
@@ -53,8 +53,9 @@ def main(params, args):
     model, tokenizer, base_record = load_model(BASE)
     check_seq_len("prune.sheared", sheared.seq_len, model.config)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align" and v is not None}
-    target = resolve_target(model.config, target_keys, prune.target.align)
-    masks = L0Masks(architecture(model.config), target, temperature=sheared.temperature, seed=seed)
+    target = resolve_target(model.config, target_keys, prune.target.align, prune.target.tp_divisible)
+    masks = L0Masks(architecture(model.config), target, temperature=sheared.temperature, seed=seed,
+                    layout=layout(model.config))
 
     domains = load_domains(SHARDS, "train", tokenizer)
     check_train_tokens("prune.sheared", domains, sheared.seq_len, SHARDS)

@@ -21,7 +21,7 @@ def main(params, args):
     prune = params.prune
     model, tokenizer, base_record = load_model(BASE)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align"}
-    target = resolve_target(model.config, target_keys, prune.target.align)
+    target = resolve_target(model.config, target_keys, prune.target.align, prune.target.tp_divisible)
 
     criterion = prune.width.criterion
     scores_path = SCORES / f"width_{criterion}.json"

@@ -10,9 +10,15 @@ from shear.errors import ShearError
 from shear.importance.blocks import sleb_scores
 from shear.io import read_json
 from shear.models import make_tiny_model, save_model
-from shear.prune.depth import (blocks_removed, blocks_to_remove, check_protected, protected_blocks, prune_iterative,
-                               remove_blocks, select_blocks)
-
+from shear.prune.depth import (
+    blocks_removed,
+    blocks_to_remove,
+    check_protected,
+    protected_blocks,
+    prune_iterative,
+    remove_blocks,
+    select_blocks,
+)
 
 
 def test_ratio_rounds_to_whole_blocks():
@@ -174,3 +180,26 @@ def test_score_and_prune_stages(tmp_path, monkeypatch, tiny, shards):
 
     with pytest.raises(ShearError, match="prune.depth.num_blocks=3 conflicts with ppl\\+ protecting 2 of 4 blocks; valid: 1..2"):
         prune.main(stage_params(criterion="ppl+", ratio=None, num_blocks=3), None)
+
+
+def test_removing_blocks_keeps_each_blocks_attention_type(tmp_path):
+    """Gemma 3's local (sliding) and global layers: the survivors keep their own type, in the
+    config (what the saved model is built from) and in the modules (what runs now)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=5,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=types)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    remove_blocks(model, [1, 2])
+    kept = [types[i] for i in (0, 3, 4)]
+    assert model.config.layer_types == kept
+    assert [layer.self_attn.layer_type for layer in model.model.layers] == kept
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert [layer.self_attn.layer_type for layer in loaded.model.layers] == kept
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))  # longer than the window
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5)

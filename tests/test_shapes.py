@@ -3,9 +3,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shear.errors import ShearError
-from shear.models import count_parameters, make_tiny_model
-from shear.prune.shapes import (head_configs, nearest_valid_shapes, plan_shape, resolve_target, shape_parameters,
-                                source_shape, validate_shape)
+from shear.models import count_parameters, layout, make_tiny_model, tensor_parallel
+from shear.prune.shapes import (
+    head_configs,
+    nearest_valid_shapes,
+    plan_shape,
+    resolve_target,
+    shape_parameters,
+    source_shape,
+    validate_shape,
+)
 
 
 def llama_config(layers, hidden, heads, kv, mlp, vocab, tied, head_dim=None):
@@ -135,3 +142,34 @@ def test_planner_holds_fixed_keys_and_never_exceeds_budget():
     shape = resolve_target(smollm2_config(), {"params": full // 2, "num_hidden_layers": 30}, align=64)
     assert shape["num_hidden_layers"] == 30
     assert shape_parameters(shape, 0, True)["non_embedding"] <= full // 2
+
+
+def test_planner_prefers_heads_that_split_over_8_devices():
+    src = source_shape(llama_config(32, 4096, 32, 32, 11008, 32000, False))
+    budget = shape_parameters(src, 0, True)["non_embedding"] // 2
+    free = plan_shape(src, budget, 64, tp_divisible=1)
+    assert tensor_parallel(free) == 1  # 25 heads: fits the budget, but no 2/4/8-GPU server
+    shape = plan_shape(src, budget, 64, tp_divisible=8)
+    assert tensor_parallel(shape) == 8 and shape["num_attention_heads"] % 8 == 0
+    assert 0.97 * budget <= shape_parameters(shape, 0, True)["non_embedding"] <= budget
+    # SmolLM2's 9 heads in 3 groups of 3 allow no 8-way split: the planner falls back to 4 or 2
+    smol = resolve_target(smollm2_config(), {"params": 53_100_000}, align=64)
+    assert tensor_parallel(smol) in (2, 4) and validate_shape(smollm2_config(), smol) is None
+
+
+def test_tp_divisible_must_be_a_power_of_two_up_to_8():
+    with pytest.raises(ShearError, match=r"prune\.target\.tp_divisible=3 is not valid; valid: 1, 2, 4, 8"):
+        resolve_target(smollm2_config(), {"params": 10**7}, align=64, tp_divisible=3)
+
+
+def test_budget_counts_biases():
+    """A biased Llama's source count (the 'exceeds' check) and plan include every bias."""
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96, vocab_size=300, attention_bias=True, mlp_bias=True)
+    with torch.device("meta"):
+        counted = count_parameters(LlamaForCausalLM(config))["non_embedding"]
+    assert shape_parameters(source_shape(config), 0, True, layout(config))["non_embedding"] == counted
+    with pytest.raises(ShearError, match=f"exceeds the source's {counted:,} non-embedding"):
+        resolve_target(config, {"params": counted + 1}, align=1)
+    shape = resolve_target(config, {"params": counted - 1}, align=1)
+    assert shape_parameters(shape, 0, True, layout(config))["non_embedding"] <= counted - 1

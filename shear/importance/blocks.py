@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from shear.config import BLOCK_CRITERIA
 from shear.errors import ShearError
+from shear.models import lm_logits
 from shear.prune.depth import blocks_removed, lowest, protected_blocks
 
 
@@ -75,7 +76,7 @@ def _suffix_nll(model, hidden: torch.Tensor, first: int, ids: torch.Tensor) -> t
     """
     with blocks_removed(model, range(first)):
         out = model.model(inputs_embeds=hidden, use_cache=False).last_hidden_state
-    return nll_sum(model.lm_head(out), ids)
+    return nll_sum(lm_logits(model, out), ids)
 
 
 @torch.no_grad()

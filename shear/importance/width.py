@@ -16,10 +16,13 @@ LLaMA's Taylor block criterion); `magnitude` is the norm of all the block's weig
 of per-unit activations would not do: activations grow with depth, so it would drop the
 first layers, which matter most.)
 
-The weights of a unit: a query head = its q_proj rows and o_proj columns; a KV group = its
-query heads plus its k_proj/v_proj rows; a neuron = its gate/up rows and down column; a hidden
-channel = that column or row of every matrix touching the residual stream, its RMSNorm
-weights, its embedding column (and lm_head column when untied). For `activation` a KV group
+The weights of a unit: a query head = its q_proj rows (and q bias) and o_proj columns; a KV
+group = its query heads plus its k_proj/v_proj rows (and biases); a neuron = its gate/up rows
+(and biases) and down column; a hidden channel = that column or row of every matrix touching
+the residual stream, its o_proj/down_proj biases, its weight in every hidden-sized RMSNorm, its
+embedding column (and lm_head column when untied). The `activation` criterion reads the
+hidden channels at the norms that feed attention and the MLP (Gemma 3: input and
+pre-feed-forward norms). For `activation` a KV group
 scores the sum of its query heads.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tqdm import tqdm
 from shear.config import WIDTH_CRITERIA
 from shear.errors import ShearError
 from shear.io import atomic_file, read_json, write_json
-from shear.models import head_dim
+from shear.models import block_norms, head_dim, norm_feeding
 from shear.prune.shapes import source_shape
 
 SCORE_KEYS = ("heads", "kv_heads", "mlp", "hidden", "hidden_layers", "layers")
@@ -87,8 +90,7 @@ def activation_scores(model, calib: torch.Tensor, batch_size: int) -> dict[str, 
         hooks += [layer.register_forward_hook(block_hook, with_kwargs=True),
                   layer.self_attn.o_proj.register_forward_pre_hook(head_hook),
                   layer.mlp.down_proj.register_forward_pre_hook(mlp_hook),
-                  layer.input_layernorm.register_forward_hook(norm_hook),
-                  layer.post_attention_layernorm.register_forward_hook(norm_hook)]
+                  *(norm.register_forward_hook(norm_hook) for norm in norm_feeding(layer))]
 
     def final_hook(module, args, out):
         final.add_(sum_tokens(out.abs()))
@@ -117,19 +119,26 @@ def _weight_unit_sums(model, value) -> dict[str, torch.Tensor]:
     mlp = torch.zeros(L, inter, dtype=torch.float64)
     hidden_layers = torch.zeros(L, d, dtype=torch.float64)
     layers = torch.zeros(L, dtype=torch.float64)
+
+    def bias(linear):  # a unit's bias entries belong to it (zeros where the family has none)
+        if linear.bias is None:
+            return torch.zeros(linear.out_features, dtype=torch.float64)
+        return value(linear.bias)
+
     for i, layer in enumerate(model.model.layers):
         layers[i] = sum(value(p).sum() for p in layer.parameters())
         attn, m = layer.self_attn, layer.mlp
         q, o = value(attn.q_proj.weight), value(attn.o_proj.weight)  # [nh*hd, d], [d, nh*hd]
-        heads[i] = q.view(nh, hd, d).sum((1, 2)) + o.view(d, nh, hd).sum((0, 2))
-        for w in (attn.k_proj.weight, attn.v_proj.weight):
-            v = value(w)
-            kv_own[i] += v.view(nkv, hd, d).sum((1, 2))
+        heads[i] = q.view(nh, hd, d).sum((1, 2)) + o.view(d, nh, hd).sum((0, 2)) \
+            + bias(attn.q_proj).view(nh, hd).sum(1)
+        for proj in (attn.k_proj, attn.v_proj):
+            v = value(proj.weight)
+            kv_own[i] += v.view(nkv, hd, d).sum((1, 2)) + bias(proj).view(nkv, hd).sum(1)
             hidden_layers[i] += v.sum(0)
         gate, up, down = value(m.gate_proj.weight), value(m.up_proj.weight), value(m.down_proj.weight)
-        mlp[i] = gate.sum(1) + up.sum(1) + down.sum(0)
+        mlp[i] = gate.sum(1) + up.sum(1) + down.sum(0) + bias(m.gate_proj) + bias(m.up_proj)
         hidden_layers[i] += q.sum(0) + o.sum(1) + gate.sum(0) + up.sum(0) + down.sum(1)
-        hidden_layers[i] += value(layer.input_layernorm.weight) + value(layer.post_attention_layernorm.weight)
+        hidden_layers[i] += bias(attn.o_proj) + bias(m.down_proj) + sum(value(n.weight) for n in block_norms(layer))
     outside = value(model.get_input_embeddings().weight).sum(0) + value(model.model.norm.weight)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:

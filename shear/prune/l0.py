@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from shear.errors import ShearError
-from shear.prune.shapes import SHAPE_KEYS
+from shear.models import PLAIN_LAYOUT, residual_writers
+from shear.prune.shapes import SHAPE_KEYS, block_parameters
+from shear.prune.width import scale_norm
 
 # Hard-concrete constants of the reference code.
 STRETCH = (-0.1, 1.1)
@@ -113,14 +115,17 @@ class L0Masks(nn.Module):
     """Every mask type of one pruning run, its target counts and its Lagrange multipliers.
 
     `source` and `target` are shape dicts (keys of `SHAPE_KEYS`); the target must be reachable
-    by pruning units (see `check_target`).
+    by pruning units (see `check_target`). `layout` is the block layout of the source
+    (`shear.models.layout`: biases, norms), which the size counts include.
     """
 
-    def __init__(self, source: dict, target: dict, temperature: float = 2 / 3, seed: int = 0):
+    def __init__(self, source: dict, target: dict, temperature: float = 2 / 3, seed: int = 0,
+                 layout: dict = PLAIN_LAYOUT):
         super().__init__()
         check_target(source, target)
         self.source = {k: int(source[k]) for k in SHAPE_KEYS}
         self.target = {k: int(target[k]) for k in SHAPE_KEYS}
+        self.layout = dict(layout)
         L, d = self.source["num_hidden_layers"], self.source["hidden_size"]
         H, K = self.source["num_attention_heads"], self.source["num_key_value_heads"]
         self.group = H // K
@@ -232,16 +237,55 @@ class L0Masks(nn.Module):
         """Non-embedding parameters of the model the masks describe, for per-unit keep probabilities.
 
         With P(z > 0) of every unit (`expected_scores`) this is the expected model size; with
-        0/1 masks it is the exact count of the LLaMA layout (no biases). A KV head is counted
-        with the probability that at least one of its query heads survives.
+        0/1 masks it is the exact count (`shear.prune.shapes.block_parameters`, biases and norms
+        included). A KV head is counted with the probability that at least one of its query
+        heads survives.
         """
-        hd = self.source["head_dim"]
         hidden = scores["hidden"].sum()
         heads = self.effective_heads(scores)                                        # [L, H]
         group_alive = 1 - (1 - scores["head"]).view(heads.shape[0], -1, self.group).prod(-1)  # [L, K]
         if "kv_head" in scores:
             group_alive = group_alive * scores["kv_head"]
-        per_layer = (2 * hd * (heads.sum(-1) + group_alive.sum(-1))   # q, o + k, v
-                     + 3 * scores["mlp"].sum(-1)                      # gate, up, down
-                     + 2)                                             # two RMSNorms
-        return hidden * ((scores["layer"] * per_layer).sum() + 1)    # + final RMSNorm
+        per_layer = block_parameters(hidden, heads.sum(-1), group_alive.sum(-1), scores["mlp"].sum(-1),
+                                     self.source["head_dim"], self.layout)
+        return (scores["layer"] * per_layer).sum() + hidden                          # + final RMSNorm
+
+
+# ----------------------------------------------------------------------------- folding
+
+
+def _scale_rows(linear, factor: torch.Tensor) -> None:
+    """Multiply a Linear layer's output (weight rows and bias) by `factor`."""
+    linear.weight.mul_(factor.to(linear.weight).unsqueeze(1))
+    if linear.bias is not None:
+        linear.bias.mul_(factor.to(linear.bias))
+
+
+@torch.no_grad()
+def fold_masks(model, masks: L0Masks, z: dict[str, torch.Tensor]) -> None:
+    """Multiply mask values into the weights so the plain model computes the masked one.
+
+    The masked forward (`shear.prune.sheared.MaskHooks`) scales linear maps only, so folding
+    is exact: heads scale o_proj's input columns, MLP neurons down_proj's input columns; the
+    hidden mask scales o_proj's and down_proj's outputs (weight rows and biases); the layer
+    mask scales what enters the residual stream: those outputs too, or in Gemma 3 the post
+    norm that follows them (its (1 + w)). The hidden mask also scales the embedding columns
+    (with tied embeddings that one matrix is the LM head too, which is why the masked forward
+    scales the final norm's output) or, untied, the embedding and LM head columns.
+    """
+    hd = masks.source["head_dim"]
+    heads = masks.effective_heads(z).repeat_interleave(hd, dim=-1)
+    for i, layer in enumerate(model.model.layers):
+        inputs = (heads[i], z["mlp"][i])
+        for (proj, out), columns in zip(residual_writers(layer), inputs):
+            proj.weight.mul_(columns.to(proj.weight).unsqueeze(0))
+            if proj is out:
+                _scale_rows(proj, z["layer"][i] * z["hidden"])
+            else:
+                _scale_rows(proj, z["hidden"])
+                scale_norm(out, z["layer"][i], masks.layout["unit_offset_norm"])
+    emb = model.get_input_embeddings().weight
+    emb.mul_(z["hidden"].to(emb))
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not emb:
+        head.weight.mul_(z["hidden"].to(head.weight))

@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 
 from shear.errors import ShearError
+from shear.models import PLAIN_LAYOUT, TP_DEGREES, tensor_parallel
 from shear.models import head_dim as config_head_dim
+from shear.models import layout as config_layout
 
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim")
@@ -42,23 +44,44 @@ def source_shape(config) -> dict:
     return shape
 
 
-def shape_parameters(shape: dict, vocab_size: int, tied: bool) -> dict:
-    """Total and non-embedding parameter counts of a LLaMA model of this shape (no biases).
+def block_parameters(hidden, heads, kv_heads, mlp, head_dim: int, layout: dict):
+    """Parameters of one transformer block: the one count formula of the project.
 
-    Per layer: q (h*nh*hd), k and v (h*nkv*hd each), o (nh*hd*h), gate/up/down (3*h*i) and
-    two RMSNorms (2*h); then the final norm (h). Embeddings (v*h) and an untied lm_head (v*h)
-    are the embedding parameters. Equal to `shear.models.count_parameters` of the built model.
+    Weights: q and o (h*nh*hd each), k and v (h*nkv*hd each), gate/up/down (h*i each); the
+    block's RMSNorms (h each, 2 or Gemma's 4); q_norm/k_norm (hd each, Qwen3 and Gemma 3);
+    biases where the family has them (q: nh*hd, k and v: nkv*hd each, o: h, gate/up: i each,
+    down: h). Works on ints, floats (the planner's fractional shapes) and tensors (the L0 masks'
+    expected sizes, where each argument is an expected count of kept units).
     """
-    h, hd = shape["hidden_size"], shape["head_dim"]
-    nh, nkv, i = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
-    per_layer = 2 * h * nh * hd + 2 * h * nkv * hd + 3 * h * i + 2 * h
-    non_embedding = shape["num_hidden_layers"] * per_layer + h
+    n = hidden * (2 * head_dim * (heads + kv_heads) + 3 * mlp + layout["norms_per_block"])
+    if layout["qkv_bias"]:
+        n = n + head_dim * (heads + 2 * kv_heads)
+    if layout["o_bias"]:
+        n = n + hidden
+    if layout["mlp_bias"]:
+        n = n + 2 * mlp + hidden
+    if layout["qk_norm"]:
+        n = n + 2 * head_dim
+    return n
+
+
+def shape_parameters(shape: dict, vocab_size: int, tied: bool, layout: dict = PLAIN_LAYOUT) -> dict:
+    """Total and non-embedding parameter counts of a model of this shape and block layout.
+
+    Every block (`block_parameters`) plus the final RMSNorm (h) are the non-embedding
+    parameters; embeddings (v*h) and an untied lm_head (v*h) the embedding ones. Equal to
+    `shear.models.count_parameters` of the built model (tests check it per family).
+    """
+    h = shape["hidden_size"]
+    per_block = block_parameters(h, shape["num_attention_heads"], shape["num_key_value_heads"],
+                                 shape["intermediate_size"], shape["head_dim"], layout)
+    non_embedding = shape["num_hidden_layers"] * per_block + h
     embedding = vocab_size * h * (1 if tied else 2)
     return {"total": non_embedding + embedding, "non_embedding": non_embedding}
 
 
-def _non_embedding(shape: dict) -> int:
-    return shape_parameters(shape, 0, True)["non_embedding"]
+def _non_embedding(shape: dict, layout: dict) -> int:
+    return shape_parameters(shape, 0, True, layout)["non_embedding"]
 
 
 def format_shape(shape: dict) -> str:
@@ -153,15 +176,12 @@ def _aspect_deviation(shape: dict, src: dict, free: list[str]) -> float:
     return sum((x - mean) ** 2 for x in logs)
 
 
-def _ideal_scale(src: dict, budget: int, fixed: dict) -> float:
+def _ideal_scale(src: dict, budget: int, fixed: dict, layout: dict) -> float:
     """The factor s in (0, 1] such that scaling every free dimension by s (fractional
     dimensions allowed) meets the budget exactly; found by bisection."""
     def params(s: float) -> float:
         d = {k: fixed.get(k, src[k] * s) for k in TARGET_KEYS}
-        h, hd = d["hidden_size"], src["head_dim"]
-        per_layer = 2 * h * d["num_attention_heads"] * hd + 2 * h * d["num_key_value_heads"] * hd \
-            + 3 * h * d["intermediate_size"] + 2 * h
-        return d["num_hidden_layers"] * per_layer + h
+        return _non_embedding({**d, "head_dim": src["head_dim"]}, layout)
 
     lo, hi = 1e-6, 1.0
     for _ in range(100):
@@ -170,9 +190,10 @@ def _ideal_scale(src: dict, budget: int, fixed: dict) -> float:
     return lo
 
 
-def _candidates(src: dict, budget: int, s: float, align: int, fixed: dict):
+def _candidates(src: dict, budget: int, s: float, align: int, fixed: dict, layout: dict, tp: int):
     """Valid shapes near the ideal scaled shape, with hidden and MLP sizes multiples of `align`
-    (the MLP filling what the budget leaves); yields shapes at or under the budget."""
+    (the MLP filling what the budget leaves) that split over `tp` devices; yields shapes at or
+    under the budget."""
     hd = src["head_dim"]
     if "num_hidden_layers" in fixed:
         layer_options = [fixed["num_hidden_layers"]]
@@ -180,7 +201,9 @@ def _candidates(src: dict, budget: int, s: float, align: int, fixed: dict):
         ideal = src["num_hidden_layers"] * s
         layer_options = range(max(1, math.floor(ideal) - 2), min(src["num_hidden_layers"], math.ceil(ideal) + 2) + 1)
     heads = [(nh, nkv) for nh, nkv in head_configs(src)
-             if fixed.get("num_attention_heads", nh) == nh and fixed.get("num_key_value_heads", nkv) == nkv]
+             if fixed.get("num_attention_heads", nh) == nh and fixed.get("num_key_value_heads", nkv) == nkv
+             and nh % tp == 0 and (nkv % tp == 0 or tp % nkv == 0)]
+    mlp_step = math.lcm(align, tp)
     ideal_h = src["hidden_size"] * s
     for nh, nkv in heads:
         if "hidden_size" in fixed:
@@ -192,24 +215,30 @@ def _candidates(src: dict, budget: int, s: float, align: int, fixed: dict):
             hiddens = range(lo, hi + 1, step)
         for h in hiddens:
             for layers in layer_options:
-                attn = 2 * h * nh * hd + 2 * h * nkv * hd + 2 * h
                 if "intermediate_size" in fixed:
                     mlp = fixed["intermediate_size"]
-                else:
-                    room = ((budget - h) // layers - attn) // (3 * h)  # largest MLP the budget allows
-                    mlp = min(room, src["intermediate_size"]) // align * align
+                else:  # the largest MLP the budget allows (a block's count is linear in it)
+                    attn = block_parameters(h, nh, nkv, 0, hd, layout)
+                    per_neuron = block_parameters(h, nh, nkv, 1, hd, layout) - attn
+                    room = ((budget - h) // layers - attn) // per_neuron
+                    mlp = min(room, src["intermediate_size"]) // mlp_step * mlp_step
                     if mlp < 1:
                         continue
                 shape = {"num_hidden_layers": layers, "hidden_size": h, "num_attention_heads": nh,
                          "num_key_value_heads": nkv, "intermediate_size": mlp, "head_dim": hd}
-                if _non_embedding(shape) <= budget and _problem(src, shape) is None:
+                if (_non_embedding(shape, layout) <= budget and _problem(src, shape) is None
+                        and tensor_parallel(shape, tp) == tp):
                     yield shape
 
 
-def plan_shape(src: dict, budget: int, align: int = 1, fixed: dict | None = None) -> dict:
+def plan_shape(src: dict, budget: int, align: int = 1, fixed: dict | None = None,
+               layout: dict = PLAIN_LAYOUT, tp_divisible: int = 1) -> dict:
     """The valid shape closest to the source's aspect ratios whose non-embedding count is at
     most `budget` and, when possible, within PLAN_TOLERANCE of it.
 
+    With `tp_divisible` = t > 1 the planner first looks for shapes that split evenly over t
+    devices (`tensor_parallel`: heads, KV heads and MLP neurons divisible), then t/2, ..., 1:
+    a 23-head model fits a budget but no 2-, 4- or 8-GPU tensor-parallel server.
     With `align > 1` the hidden and MLP sizes are multiples of `align` where that still fits
     the budget within the tolerance: GPU matmul kernels work in tiles (e.g. 64 or 128 wide),
     so a dimension that is not a multiple of the tile pads the last tile with wasted work and
@@ -218,19 +247,20 @@ def plan_shape(src: dict, budget: int, align: int = 1, fixed: dict | None = None
     """
     fixed = dict(fixed or {})
     free = [k for k in TARGET_KEYS if k not in fixed]
-    s = _ideal_scale(src, budget, fixed)
+    s = _ideal_scale(src, budget, fixed, layout)
     best = None
-    for a in _alignments(align):
-        shapes = list(_candidates(src, budget, s, a, fixed))
-        if not shapes:
-            continue
-        close = [c for c in shapes if _non_embedding(c) >= (1 - PLAN_TOLERANCE) * budget]
-        if close:  # as even as possible, then the fullest, then a fixed order for reproducibility
-            return min(close, key=lambda c: (round(_aspect_deviation(c, src, free), 9), -_non_embedding(c),
-                                             format_shape(c)))
-        fullest = max(shapes, key=lambda c: (_non_embedding(c), -_aspect_deviation(c, src, free)))
-        if best is None or _non_embedding(fullest) > _non_embedding(best):
-            best = fullest
+    for tp in _alignments(tp_divisible):
+        for a in _alignments(align):
+            shapes = list(_candidates(src, budget, s, a, fixed, layout, tp))
+            if not shapes:
+                continue
+            close = [c for c in shapes if _non_embedding(c, layout) >= (1 - PLAN_TOLERANCE) * budget]
+            if close:  # as even as possible, then the fullest, then a fixed order for reproducibility
+                return min(close, key=lambda c: (round(_aspect_deviation(c, src, free), 9),
+                                                 -_non_embedding(c, layout), format_shape(c)))
+            fullest = max(shapes, key=lambda c: (_non_embedding(c, layout), -_aspect_deviation(c, src, free)))
+            if best is None or _non_embedding(fullest, layout) > _non_embedding(best, layout):
+                best = fullest
     return best
 
 
@@ -254,39 +284,43 @@ def _check_fixed(src: dict, fixed: dict) -> list[tuple[int, int]]:
     return options
 
 
-def resolve_target(config, target: dict, align: int) -> dict:
-    """`prune.target` (without `align`) -> a valid shape.
+def resolve_target(config, target: dict, align: int, tp_divisible: int = 8) -> dict:
+    """`prune.target` (without `align` and `tp_divisible`) -> a valid shape.
 
     Either an explicit shape (keys left out or null keep the source's), or `params`, a
-    non-embedding parameter budget, for which `plan_shape` picks the shape (explicit keys
-    given alongside `params` are held fixed). Raises ShearError naming the key and the
-    nearest valid shapes when the target is impossible or larger than the source.
+    non-embedding parameter budget (counted with the source's biases and norms), for which
+    `plan_shape` picks the shape (explicit keys given alongside `params` are held fixed,
+    head counts splitting over `tp_divisible` devices preferred). Raises ShearError naming the
+    key and the nearest valid shapes when the target is impossible or larger than the source.
     """
-    src = source_shape(config)
-    given = {k: v for k, v in target.items() if v is not None and k != "align"}
+    src, layout = source_shape(config), config_layout(config)
+    if tp_divisible not in TP_DEGREES:
+        raise ShearError(f"prune.target.tp_divisible={tp_divisible!r} is not valid; "
+                         f"valid: {', '.join(map(str, sorted(TP_DEGREES)))} (1 = no preference)")
+    given = {k: v for k, v in target.items() if v is not None and k not in ("align", "tp_divisible")}
     unknown = sorted(set(given) - {"params", *SHAPE_KEYS})
     if unknown:
         raise ShearError(f"prune.target: unknown key {unknown[0]}; valid keys: params, {', '.join(TARGET_KEYS)}")
     budget = given.pop("params", None)
+    source_count = _non_embedding(src, layout)
     if budget is None:
         if not given:
             raise ShearError(
                 f"prune.target: give params (a non-embedding parameter budget below the source's "
-                f"{_non_embedding(src):,}) or at least one of {', '.join(TARGET_KEYS)}")
+                f"{source_count:,}) or at least one of {', '.join(TARGET_KEYS)}")
         shape = {**src, **given}
         validate_shape(src, shape)
         return shape
 
-    source_count = _non_embedding(src)
     if budget > source_count:
         raise ShearError(f"prune.target.params={budget:,} exceeds the source's {source_count:,} "
                          f"non-embedding parameters; valid: 1..{source_count:,}")
     nh, nkv = _check_fixed(src, given)[0]
-    shape = plan_shape(src, budget, align, given)
+    shape = plan_shape(src, budget, align, given, layout, tp_divisible)
     if shape is None:
         smallest = {"num_hidden_layers": 1, "hidden_size": nh, "num_attention_heads": nh,
                     "num_key_value_heads": nkv, "intermediate_size": 1, "head_dim": src["head_dim"], **given}
         raise ShearError(f"prune.target.params={budget:,} is too small for any valid shape"
                          f"{' with ' + ', '.join(f'{k}={v}' for k, v in given.items()) if given else ''}; "
-                         f"the smallest ({format_shape(smallest)}) has {_non_embedding(smallest):,}")
+                         f"the smallest ({format_shape(smallest)}) has {_non_embedding(smallest, layout):,}")
     return shape

@@ -28,7 +28,8 @@ import torch
 
 from shear import trainer
 from shear.errors import ShearError
-from shear.prune.l0 import L0Masks
+from shear.models import residual_writers
+from shear.prune.l0 import L0Masks, fold_masks
 
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
@@ -43,7 +44,9 @@ class MaskHooks:
     Where each mask acts:
       head       o_proj input, per head (times the KV-group mask under GQA)
       mlp        down_proj input, per neuron
-      layer      o_proj and down_proj outputs (the block's two residual contributions)
+      layer      o_proj and down_proj outputs (the block's two residual contributions);
+                 in Gemma 3 the outputs of the post norms that follow them, while the
+                 hidden mask stays on o_proj / down_proj (before the norm)
       hidden     embedding output, o_proj and down_proj outputs (so pruned channels stay
                  exactly zero in the residual stream) and the final norm output (so the
                  LM head, tied or not, sees the channels the pruned model will keep)
@@ -63,12 +66,13 @@ class MaskHooks:
             core.norm.register_forward_hook(self._scale_output("hidden")),
         ]
         for i, layer in enumerate(core.layers):
-            self.handles += [
-                layer.self_attn.o_proj.register_forward_pre_hook(self._scale_input("heads", i)),
-                layer.self_attn.o_proj.register_forward_hook(self._scale_output("residual", i)),
-                layer.mlp.down_proj.register_forward_pre_hook(self._scale_input("mlp", i)),
-                layer.mlp.down_proj.register_forward_hook(self._scale_output("residual", i)),
-            ]
+            for (proj, out), inputs in zip(residual_writers(layer), ("heads", "mlp")):
+                self.handles.append(proj.register_forward_pre_hook(self._scale_input(inputs, i)))
+                if proj is out:
+                    self.handles.append(proj.register_forward_hook(self._scale_output("residual", i)))
+                else:  # Gemma 3: hidden mask before the post norm (zeroes stay zero), layer mask after
+                    self.handles.append(proj.register_forward_hook(self._scale_output("hidden")))
+                    self.handles.append(out.register_forward_hook(self._scale_output("layer", i)))
 
     def set(self, z: Optional[dict[str, torch.Tensor]]) -> None:
         """Use mask values `z` (a dict per mask type) in the next forward passes; None = no masks."""
@@ -81,6 +85,7 @@ class MaskHooks:
             "heads": heads,
             "mlp": z["mlp"],
             "residual": z["layer"].unsqueeze(-1) * z["hidden"],                         # [L, d]
+            "layer": z["layer"].unsqueeze(-1),                                          # [L, 1]
         }
 
     def _factor(self, name: str, layer: Optional[int], like: torch.Tensor) -> torch.Tensor:
@@ -252,31 +257,6 @@ def train_masks(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerat
 
 
 # ----------------------------------------------------------------------------- finalisation
-
-
-@torch.no_grad()
-def fold_masks(model, masks: L0Masks, z: dict[str, torch.Tensor]) -> None:
-    """Multiply mask values into the weights so the plain model computes the masked one.
-
-    Each mask scales a linear map of the model, so folding is exact: heads scale o_proj's
-    input columns, MLP neurons down_proj's input columns, layer and hidden masks the
-    output rows of o_proj and down_proj; the hidden mask also scales the embedding columns
-    (with tied embeddings that one matrix is the LM head too, which is why the masked
-    forward scales the final norm's output) or, untied, the embedding and LM head columns.
-    """
-    core = model.model
-    hd = masks.source["head_dim"]
-    heads = masks.effective_heads(z).repeat_interleave(hd, dim=-1)
-    residual = z["layer"].unsqueeze(-1) * z["hidden"]
-    for i, layer in enumerate(core.layers):
-        o, down = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
-        o.mul_(residual[i].to(o).unsqueeze(1) * heads[i].to(o).unsqueeze(0))
-        down.mul_(residual[i].to(down).unsqueeze(1) * z["mlp"][i].to(down).unsqueeze(0))
-    emb = model.get_input_embeddings().weight
-    emb.mul_(z["hidden"].to(emb))
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not emb:
-        head.weight.mul_(z["hidden"].to(head.weight))
 
 
 def finalize(model, masks: L0Masks):

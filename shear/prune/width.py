@@ -1,16 +1,21 @@
-"""Width pruning: slice attention heads, MLP neurons and hidden channels out of a LLaMA model.
+"""Width pruning: slice attention heads, MLP neurons and hidden channels out of a model of a
+supported family (LLaMA's block layout; see `shear.models.layout` for what differs).
 
 `slice_model` cuts the weights to the units listed in `keep`; `width_prune` picks those
 units from importance scores (shear/importance/width.py), the same number in every layer,
-so the result is a standard LLaMA checkpoint of exactly the target shape.
+so the result is a standard checkpoint of the same class and exactly the target shape.
 
-What a removed unit means (the sliced model equals the unsliced model with these zeroed):
-- a query head: its o_proj input columns (its contribution to the residual stream);
+What a removed unit means (the sliced model equals the unsliced model with these zeroed;
+every other bias stays as it is):
+- a query head: its o_proj input columns (its contribution to the residual stream; its q
+  bias and q_norm then act on nothing);
 - a KV group: the o_proj columns of every query head reading it (and its k/v rows);
 - an MLP neuron: its down_proj input column;
 - a hidden channel: that channel everywhere in the residual stream (embedding column,
-  o_proj and down_proj output rows), so it stays zero; RMSNorm still averages over all d
-  channels, which the rescaled norm weights and epsilon of the sliced model reproduce.
+  o_proj and down_proj output rows and their bias entries), so it stays zero; RMSNorm still
+  averages over all d channels, which the rescaled norm weights and epsilon of the sliced
+  model reproduce. (Its bias entries must go with it: a bias alone would put a constant into
+  the removed channel that every later norm's mean would see.)
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import math
 
 import torch
 
-from shear.models import head_dim
+from shear.models import block_norms, head_dim, layout
 from shear.prune.depth import remove_blocks
 from shear.prune.shapes import source_shape
 
@@ -130,29 +135,50 @@ def slice_model(model, keep: dict):
     return model
 
 
+def scale_norm(norm, factor: torch.Tensor, unit_offset: bool) -> None:
+    """Multiply an RMSNorm's output by `factor` (per channel or scalar) through its weight:
+    w * f, or for a (1 + w) norm (Gemma 3) w' = (1 + w) * f - 1."""
+    w = norm.weight
+    f = factor.to(w)
+    w.copy_((1 + w) * f - 1 if unit_offset else w * f)
+
+
 def _slice_hidden(model, idx: torch.Tensor) -> None:
     """Keep hidden channels `idx` everywhere; rescale RMSNorms so they still match the full width.
 
     RMSNorm(x) = w * x / sqrt(mean(x^2) + eps). With the removed channels zero, the mean over d
     channels is (d'/d) times the mean over the d' kept ones, so w' = w * sqrt(d/d') and
-    eps' = eps * d/d' give the same output on the kept channels.
+    eps' = eps * d/d' give the same output on the kept channels; a Gemma 3 norm scales by
+    (1 + w), so there (1 + w') = (1 + w) * sqrt(d/d'). Every hidden-sized norm is rescaled (Gemma's
+    post norms see o_proj / down_proj outputs whose removed rows are zero too); q_norm / k_norm
+    act on head_dim and keep their weights, but share `rms_norm_eps`, so they see eps * d/d'
+    (a relative change of order eps, far below float32 rounding).
+    Gemma 3 multiplies embeddings by sqrt(hidden_size), which the sliced config makes sqrt(d'):
+    the embedding is multiplied by sqrt(d/d') to compensate and, when it is tied to the LM
+    head, the final norm by sqrt(d'/d) so the logits stay the same.
     """
     config = model.config
     d, d_new = config.hidden_size, len(idx)
+    facts = layout(config)
     tied = model.get_output_embeddings() is not None and \
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
     scale, eps = math.sqrt(d / d_new), config.rms_norm_eps * d / d_new
 
-    def norm(module):
-        module.weight = torch.nn.Parameter(module.weight.data[idx] * scale, requires_grad=module.weight.requires_grad)
-        module.variance_epsilon = eps
+    def norm(module, factor: float):
+        module.weight = torch.nn.Parameter(module.weight.data[idx].clone(), requires_grad=module.weight.requires_grad)
+        scale_norm(module, torch.tensor(factor, dtype=torch.float64), facts["unit_offset_norm"])
+        setattr(module, "eps" if hasattr(module, "eps") else "variance_epsilon", eps)  # Gemma 3 names it eps
 
     emb = model.get_input_embeddings()
     emb.weight = torch.nn.Parameter(emb.weight.data[:, idx].clone(), requires_grad=emb.weight.requires_grad)
     emb.embedding_dim = d_new
+    if facts["embed_scale"]:  # the loaded model will scale by sqrt(d'), not sqrt(d)
+        emb.weight.data.mul_(scale)
+        emb.scalar_embed_scale = d_new ** 0.5
+        emb.embed_scale.fill_(d_new ** 0.5)
     for layer in model.model.layers:
-        norm(layer.input_layernorm)
-        norm(layer.post_attention_layernorm)
+        for module in block_norms(layer):
+            norm(module, scale)
         attn, mlp = layer.self_attn, layer.mlp
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             _slice_linear(linear, cols=idx)
@@ -161,7 +187,7 @@ def _slice_hidden(model, idx: torch.Tensor) -> None:
         for module in (layer, mlp):
             if hasattr(module, "hidden_size"):
                 module.hidden_size = d_new
-    norm(model.model.norm)
+    norm(model.model.norm, 1.0 if facts["embed_scale"] and tied else scale)
     head = model.get_output_embeddings()
     if tied:
         head.weight = emb.weight
