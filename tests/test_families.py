@@ -40,6 +40,7 @@ from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target, shape_parameters, source_shape
 from shear.prune.sheared import MaskHooks, finalize, prune_sheared
 from shear.prune.width import choose_units, width_prune
+from shear.trainer import make_accelerator, plan_run
 
 TOKENIZER = byte_tokenizer()
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -176,10 +177,12 @@ def run_case(family: str, method: str, out_dir) -> dict:
         target = {**source, **EXPLICIT}
         rows = np.random.default_rng(0).integers(0, 256, 4 * 16 * 8).astype(np.uint16)
         sampler = DomainSampler({"random": rows}, seq_len=16, seed=0)
+        train_masks = L0Masks(source, target, temperature=2 / 3, seed=0, layout=facts)
+        plan = plan_run("prune.sheared", 2 * 2 * 16, 2, 16, 1, 1, 0.0)
         trained, run = prune_sheared(
-            copy.deepcopy(model), target, sampler, tokens=2 * 2 * 16, batch_size=2, lr_model=1e-3, lr_mask=1.0,
-            lr_lambda=1.0, warmup_fraction=0.0, temperature=2 / 3, checkpoint_every=10,
-            checkpoint_dir=out_dir / "ckpt", log_dir=out_dir / "logs", fingerprint=family, device=torch.device("cpu"))
+            copy.deepcopy(model), train_masks, sampler, plan, make_accelerator("cpu"), lr_model=1e-3, lr_mask=1.0,
+            lr_lambda=1.0, lagrangian_warmup_fraction=0.0, checkpoint_every=10,
+            checkpoint_dir=out_dir / "ckpt", fingerprint=family)
         assert np.isfinite(run["training"]["final"]["lm_loss"]) and source_shape(trained.config) == target
         masks = random_masks(model, EXPLICIT)
         z = masks.deterministic(exact=True)
