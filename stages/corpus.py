@@ -3,8 +3,7 @@ import dataclasses
 
 from shear.corpus import collect_documents, select_documents, write_jsonl
 from shear.io import atomic_dir, write_json
-
-RAW, HELDOUT, REPORT = "data/raw", "data/heldout", "reports/corpus.json"
+from shear.paths import CORPUS_REPORT, HELDOUT, RAW
 
 
 def main(params, args):
@@ -16,7 +15,7 @@ def main(params, args):
         for domain in raw:
             write_jsonl(raw_tmp / f"{domain}.jsonl", raw[domain])
             write_jsonl(heldout_tmp / f"{domain}.jsonl", heldout[domain])
-    write_json(REPORT, report)
+    write_json(CORPUS_REPORT, report)
     for domain, counts in report["domains"].items():
         print(f"corpus: {domain:14s} {counts['documents']:6,} documents {counts['characters']:11,} characters "
               f"(+{counts['heldout_documents']} held out)")

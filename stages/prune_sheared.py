@@ -8,24 +8,21 @@ domain weights follow each domain's held-out loss above the base model's
 """
 import dataclasses
 import time
-from pathlib import Path
 
 from shear.data import load_domains, load_manifest
 from shear.io import read_json, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
 from shear.models import count_parameters, load_model, pick_device, save_model
+from shear.paths import BASE_METRICS, BASE_MODEL, PRUNE_CHECKPOINTS, PRUNE_LOGS, PRUNED_MODEL, SHARDS
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
-
-BASE, SHARDS, BASE_METRICS = "data/models/base", "data/shards", "reports/eval/base/metrics.json"
-OUT, CHECKPOINTS, LOGS = "data/models/pruned", "data/checkpoints/prune", "reports/train/prune"
 
 
 def main(params, args):
     prune, sheared, mixture, seed = params.prune, params.prune.sheared, params.mixture, params.run.seed
     started = time.perf_counter()
     device = pick_device(params.run.device)
-    model, tokenizer, base_record = load_model(BASE)
+    model, tokenizer, base_record = load_model(BASE_MODEL)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align" and v is not None}
     target = resolve_target(model.config, target_keys, prune.target.align)
 
@@ -42,19 +39,19 @@ def main(params, args):
         "sheared": dataclasses.asdict(sheared), "target": target,
         "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None, "reference": reference,
-        "seed": seed, "device": device.type, "base": read_json(f"{BASE}/shear.json"),
+        "seed": seed, "device": device.type, "base": read_json(BASE_MODEL / "shear.json"),
         "shards": load_manifest(SHARDS),
     })
     before = count_parameters(model)
     pruned, record = prune_sheared(
         model, target, sampler, tokens=sheared.tokens, batch_size=sheared.batch_size, lr_model=sheared.lr_model,
         lr_mask=sheared.lr_mask, lr_lambda=sheared.lr_lambda, warmup_fraction=sheared.lagrangian_warmup_fraction,
-        temperature=sheared.temperature, checkpoint_every=sheared.checkpoint_every, checkpoint_dir=CHECKPOINTS,
-        log_dir=LOGS, fingerprint=fingerprint, device=device, seed=seed, heldout=heldout,
+        temperature=sheared.temperature, checkpoint_every=sheared.checkpoint_every, checkpoint_dir=PRUNE_CHECKPOINTS,
+        log_dir=PRUNE_LOGS, fingerprint=fingerprint, device=device, seed=seed, heldout=heldout,
         update_every=mixture.update_every)
     if dynamic:
-        plot_weights(sampler, Path(LOGS) / "mixture_weights.png", mixture.update_every)
-    info = save_model(pruned, tokenizer, OUT, {
+        plot_weights(sampler, PRUNE_LOGS / "mixture_weights.png", mixture.update_every)
+    info = save_model(pruned, tokenizer, PRUNED_MODEL, {
         **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
         "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
     })

@@ -41,12 +41,11 @@ from shear.errors import ShearError
 from shear.io import atomic_dir, run_hash, trim_logs, write_json
 from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
 from shear.models import load_model, pick_device, save_model
+from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
+                         SHARDS)
 from shear.train import (apply_lora, check_train_tokens, load_teacher, make_accelerator, model_digest,
                          read_checkpoint, require_teacher, steps_for_budget, train)
 
-PRUNED, BASE, SHARDS = "data/models/pruned", "data/models/base", "data/shards"
-OUT, CHECKPOINTS, LOGS = "data/models/retrained", "data/checkpoints/retrain", "reports/train/retrain"
-BASE_METRICS = "reports/eval/base/metrics.json"
 EVAL_SEQ_LEN = 128  # held-out loss length: the reference losses of the evaluate stage are at 128 tokens
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 
@@ -70,18 +69,18 @@ def copy_pruned(params) -> None:
     """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
     from dvclive import Live
 
-    model, tokenizer, record = load_model(PRUNED)
+    model, tokenizer, record = load_model(PRUNED_MODEL)
     losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, EVAL_SEQ_LEN))
-    with atomic_dir(OUT) as tmp:
-        for f in Path(PRUNED).iterdir():
+    with atomic_dir(RETRAINED_MODEL) as tmp:
+        for f in PRUNED_MODEL.iterdir():
             if f.name != "shear.json":
                 shutil.copy2(f, tmp / f.name)
         write_json(tmp / "shear.json", {**record, "retrain": {"method": "none", "tokens": 0, "loss_after": losses}})
-    live = Live(dir=LOGS, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = Live(dir=str(RETRAIN_LOGS), dvcyaml=None, save_dvc_exp=False, report=None)
     for domain, value in losses.items():
         live.log_metric(f"eval/loss/{domain}", value)
     live.end()
-    print(f"retrain: method none, copied {PRUNED} -> {OUT}")
+    print(f"retrain: method none, copied {PRUNED_MODEL} -> {RETRAINED_MODEL}")
 
 
 def main(params, args):
@@ -93,17 +92,17 @@ def main(params, args):
         # The checks that need no model, before paying for N processes.
         steps_for_budget(retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum, retrain.num_processes)
         if retrain.distill > 0:
-            require_teacher(BASE)
+            require_teacher(BASE_MODEL)
         if relaunch(params, args) != 0:
             raise ShearError("retrain: a training process failed (its error is printed above)")
         return
 
     accelerator = make_accelerator(params.run.device)
     is_main = accelerator.is_main_process
-    model, tokenizer, record = load_model(PRUNED)
+    model, tokenizer, record = load_model(PRUNED_MODEL)
     domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
     check_train_tokens(domains, retrain.seq_len, SHARDS)
-    teacher = load_teacher(BASE, model, accelerator.device) if retrain.distill > 0 else None
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None
 
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
@@ -124,23 +123,23 @@ def main(params, args):
         "mixture": dataclasses.asdict(mixture) if dynamic else None,
         "seed": params.run.seed,
         "world_size": accelerator.num_processes,
-        "model": model_digest(PRUNED),
-        "teacher": model_digest(BASE) if teacher is not None else None,
+        "model": model_digest(PRUNED_MODEL),
+        "teacher": model_digest(BASE_MODEL) if teacher is not None else None,
         "shards": load_manifest(SHARDS),
     }
     run_id = run_hash(settings)
-    resume = read_checkpoint(CHECKPOINTS, run_id, announce=is_main)
+    resume = read_checkpoint(RETRAIN_CHECKPOINTS, run_id, announce=is_main)
 
     live = None
     if is_main:
         from dvclive import Live
 
         if resume is not None:
-            trim_logs(LOGS, resume["step"])
-        live = Live(dir=LOGS, resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
+            trim_logs(RETRAIN_LOGS, resume["step"])
+        live = Live(dir=str(RETRAIN_LOGS), resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
     trained, summary = train(
         model, sampler, retrain, accelerator, teacher=teacher, eval_rows=rows,
-        update_every=mixture.update_every if dynamic else None, live=live, checkpoint_dir=CHECKPOINTS,
+        update_every=mixture.update_every if dynamic else None, live=live, checkpoint_dir=RETRAIN_CHECKPOINTS,
         run_id=run_id, resume=resume, seed=params.run.seed,
     )
     if is_main:
@@ -161,12 +160,12 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
         summary["lora"] = dataclasses.asdict(retrain.lora)
     if kind == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
-        plot_weights(sampler, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mixture.update_every)
-    save_model(trained, tokenizer, OUT, {**record, "retrain": summary})  # architecture and counts are refreshed
+        plot_weights(sampler, RETRAIN_LOGS / "plots" / "images" / "mixture_weights.png", mixture.update_every)
+    save_model(trained, tokenizer, RETRAINED_MODEL, {**record, "retrain": summary})  # architecture and counts are refreshed
     live.end()
     before, after = summary["loss_before"], summary["loss_after"]
     print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "
-          f"held-out loss {before.get('mean', float('nan')):.4f} -> {after.get('mean', float('nan')):.4f} -> {OUT}")
+          f"held-out loss {before.get('mean', float('nan')):.4f} -> {after.get('mean', float('nan')):.4f} -> {RETRAINED_MODEL}")
 
 
 if __name__ == "__main__":
