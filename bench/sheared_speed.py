@@ -29,7 +29,7 @@ from shear.io import atomic_file, write_json
 from shear.models import architecture, count_parameters, offline
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
-from shear.prune.sheared import GRAD_CLIP, BETAS, MaskHooks, autocast, make_optimizer, train_step
+from shear.prune.sheared import BETAS, GRAD_CLIP, MaskHooks, autocast, make_optimizer, train_step
 from shear.speed import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,7 +104,7 @@ def compare(model, device: torch.device, batch_size: int, seq_len: int, repeats:
     times = {"masked": [], "plain": []}
     for i in range(warmup + repeats):
         hooks = MaskHooks(model, masks)  # attached for the masked step only: the plain step runs hook-free
-        masked = timed(lambda: train_step(model, masks, hooks, masked_opt, batch, 0.5, generator), device)
+        masked = timed(lambda: train_step(model, masks, hooks, masked_opt, batch, 0.5, generator), device)  # noqa: B023 (called at once)
         hooks.remove()
         plain = timed(lambda: plain_step(model, plain_opt, batch), device)
         if i >= warmup:

@@ -38,3 +38,12 @@ def model_dir(name: str) -> Path:
 def metrics_file(name: str) -> Path:
     """reports/eval/<name>/metrics.json: the evaluate stage's metrics of model `name`."""
     return EVAL / name / "metrics.json"
+
+# The params stage: the stamp every stage depends on, and the resolved settings of the
+# stages whose keys depend on the method (shear.config.STAGE_SETTINGS).
+PARAMS_CHECKED = Path("reports/params/checked.json")
+
+
+def settings_file(stage: str) -> Path:
+    """reports/params/<stage>.json: the settings `stage` reads, written by the params stage."""
+    return PARAMS_CHECKED.parent / f"{stage}.json"

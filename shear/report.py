@@ -18,7 +18,6 @@ from typing import Any
 
 from shear.io import atomic_dir, atomic_file
 
-
 # ----------------------------------------------------------------------------- reading metrics
 
 

@@ -9,6 +9,7 @@ domain weights follow each domain's held-out loss above the base model's
 import dataclasses
 import time
 
+from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
 from shear.io import read_json, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
@@ -29,10 +30,11 @@ def main(params, args):
     domains = load_domains(SHARDS, "train", tokenizer)
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
-    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains)) if dynamic else None
+    reference = (reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN)
+                 if dynamic else None)
     sampler = build_sampler(kind, domains, sheared.seq_len, seed, params.data.domain_weights,
                             reference, mixture.eta, mixture.smoothing)
-    heldout = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences) if dynamic else None
+    heldout = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN) if dynamic else None
 
     # Everything that defines the run: a checkpoint from any other run is not resumed.
     fingerprint = run_hash({
