@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from shear.importance.blocks import nll_sum, ppl_scores, ppl_scores_loop
 from shear.io import atomic_file, write_json
+from shear.speed import machine_info
 from shear.models import offline
 from shear.prune.depth import blocks_removed
-from shear.speed import machine_info
 
 RESULTS = Path("bench/results")
 

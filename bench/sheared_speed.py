@@ -29,7 +29,7 @@ from shear.io import atomic_file, write_json
 from shear.models import architecture, count_parameters, offline
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
-from shear.prune.sheared import BETAS, GRAD_CLIP, MaskHooks, autocast, make_optimizer, train_step
+from shear.prune.sheared import GRAD_CLIP, BETAS, MaskHooks, autocast, make_optimizer, train_step
 from shear.speed import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -31,8 +31,8 @@ import torch
 from shear.config import LoraParams
 from shear.distill import retrain_loss
 from shear.io import atomic_file, write_json
-from shear.models import count_parameters, offline
 from shear.speed import machine_info
+from shear.models import count_parameters, offline
 from shear.train import apply_lora, make_optimizer, to_device
 
 RESULTS = Path("bench/results")

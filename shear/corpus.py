@@ -28,8 +28,8 @@ import struct
 import sysconfig
 import warnings
 import zlib
-from collections.abc import Iterable
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm

@@ -18,6 +18,7 @@ from typing import Any
 
 from shear.io import atomic_dir, atomic_file
 
+
 # ----------------------------------------------------------------------------- reading metrics
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from typing import Callable
 
 from shear.config import Params, load_params
 from shear.errors import ShearError

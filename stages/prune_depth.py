@@ -10,15 +10,8 @@ from shear.importance.blocks import block_scores
 from shear.io import read_json
 from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
 from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORES, SHARDS
-from shear.prune.depth import (
-    blocks_to_remove,
-    check_protected,
-    protected_blocks,
-    prune_iterative,
-    remove_blocks,
-    select_blocks,
-    target_setting,
-)
+from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
+                               select_blocks, target_setting)
 
 
 def main(params, args):

@@ -30,8 +30,7 @@ def main(params, args):
     domains = load_domains(SHARDS, "train", tokenizer)
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
-    reference = (reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN)
-                 if dynamic else None)
+    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN) if dynamic else None
     sampler = build_sampler(kind, domains, sheared.seq_len, seed, params.data.domain_weights,
                             reference, mixture.eta, mixture.smoothing)
     heldout = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN) if dynamic else None

@@ -35,32 +35,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
 from shear.io import atomic_dir, run_hash, trim_logs, write_json
 from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
 from shear.models import load_model, pick_device, save_model
-from shear.paths import (
-    BASE_METRICS,
-    BASE_MODEL,
-    PRUNED_MODEL,
-    RETRAIN_CHECKPOINTS,
-    RETRAIN_LOGS,
-    RETRAINED_MODEL,
-    SHARDS,
-)
-from shear.train import (
-    apply_lora,
-    check_train_tokens,
-    load_teacher,
-    make_accelerator,
-    model_digest,
-    read_checkpoint,
-    require_teacher,
-    steps_for_budget,
-    train,
-)
+from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
+                         SHARDS)
+from shear.train import (apply_lora, check_train_tokens, load_teacher, make_accelerator, model_digest,
+                         read_checkpoint, require_teacher, steps_for_budget, train)
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 
@@ -122,8 +107,7 @@ def main(params, args):
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
     mixture = params.mixture
-    reference = (reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN)
-                 if dynamic else None)
+    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN) if dynamic else None
     sampler = build_sampler(kind, domains, retrain.seq_len, params.run.seed, params.data.domain_weights,
                             reference, mixture.eta, mixture.smoothing)
     rows = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN)
@@ -177,13 +161,11 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
     if kind == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
         plot_weights(sampler, RETRAIN_LOGS / "plots" / "images" / "mixture_weights.png", mixture.update_every)
-    # architecture and counts are refreshed
-    save_model(trained, tokenizer, RETRAINED_MODEL, {**record, "retrain": summary})
+    save_model(trained, tokenizer, RETRAINED_MODEL, {**record, "retrain": summary})  # architecture and counts are refreshed
     live.end()
     before, after = summary["loss_before"], summary["loss_after"]
-    print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, "
-          f"{summary['train_s']} s; held-out loss {before.get('mean', float('nan')):.4f} -> "
-          f"{after.get('mean', float('nan')):.4f} -> {RETRAINED_MODEL}")
+    print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "
+          f"held-out loss {before.get('mean', float('nan')):.4f} -> {after.get('mean', float('nan')):.4f} -> {RETRAINED_MODEL}")
 
 
 if __name__ == "__main__":

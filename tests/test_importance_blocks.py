@@ -4,24 +4,13 @@ import pytest
 import torch
 
 from shear.errors import ShearError
-from shear.importance.blocks import (
-    angular_scores,
-    bi_scores,
-    block_states,
-    magnitude_scores,
-    plot_block_scores,
-    ppl_scores,
-    ppl_scores_loop,
-    random_scores,
-    removed_by,
-    score_blocks,
-    sleb_scores,
-    taylor_scores,
-    unpruned_ppl,
-)
+from shear.importance.blocks import (angular_scores, bi_scores, block_states, magnitude_scores, plot_block_scores,
+                                     ppl_scores, ppl_scores_loop, random_scores, removed_by, score_blocks, sleb_scores,
+                                     taylor_scores, unpruned_ppl)
 from shear.models import make_tiny_model
 from shear.prune.depth import blocks_removed, remove_blocks
 from tests.conftest import stdlib_texts
+
 
 
 def text_rows(tokenizer, n_rows: int, seq_len: int) -> torch.Tensor:
@@ -59,14 +48,8 @@ def identity_at(model, block: int):
 
 def tiny_arch(kind: str, layers: int = 5):
     """A tiny random LLaMA, Qwen2 (q/k/v biases) or Mistral (sliding window) model."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
 
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
            "mistral": (MistralConfig, MistralForCausalLM)}[kind]

@@ -4,14 +4,8 @@ import pytest
 import torch
 
 from shear.errors import ShearError
-from shear.importance.width import (
-    activation_scores,
-    magnitude_scores,
-    read_width_scores,
-    taylor_scores,
-    width_scores,
-    write_width_scores,
-)
+from shear.importance.width import (activation_scores, magnitude_scores, read_width_scores, taylor_scores,
+                                    width_scores, write_width_scores)
 from shear.models import make_tiny_model
 
 SPEC = "layers=2,hidden=48,heads=6,kv_heads=2,mlp=40,tied=0"  # head_dim 8, KV groups of 3

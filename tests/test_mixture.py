@@ -9,16 +9,8 @@ import torch
 
 from shear.data import load_split, rechunk
 from shear.errors import ShearError
-from shear.mixture import (
-    DomainSampler,
-    DynamicDomainSampler,
-    build_sampler,
-    domain_losses,
-    heldout_rows,
-    log_mixture,
-    plot_weights,
-    reference_losses,
-)
+from shear.mixture import (DomainSampler, DynamicDomainSampler, build_sampler, domain_losses, heldout_rows,
+                           log_mixture, plot_weights, reference_losses)
 
 SEQ = 16
 

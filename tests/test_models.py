@@ -5,15 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shear.errors import ShearError
-from shear.models import (
-    count_parameters,
-    load_model,
-    load_source,
-    make_tiny_model,
-    parse_tiny_shape,
-    save_model,
-    tokenizer_fingerprint,
-)
+from shear.models import (count_parameters, load_model, load_source, make_tiny_model, parse_tiny_shape,
+                          save_model, tokenizer_fingerprint)
 
 
 def test_tiny_roundtrip_loads_with_automodel(tmp_path, tiny):

@@ -10,15 +10,9 @@ from shear.errors import ShearError
 from shear.importance.blocks import sleb_scores
 from shear.io import read_json
 from shear.models import make_tiny_model, save_model
-from shear.prune.depth import (
-    blocks_removed,
-    blocks_to_remove,
-    check_protected,
-    protected_blocks,
-    prune_iterative,
-    remove_blocks,
-    select_blocks,
-)
+from shear.prune.depth import (blocks_removed, blocks_to_remove, check_protected, protected_blocks, prune_iterative,
+                               remove_blocks, select_blocks)
+
 
 
 def test_ratio_rounds_to_whole_blocks():

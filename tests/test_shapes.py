@@ -4,15 +4,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shear.errors import ShearError
 from shear.models import count_parameters, make_tiny_model
-from shear.prune.shapes import (
-    head_configs,
-    nearest_valid_shapes,
-    plan_shape,
-    resolve_target,
-    shape_parameters,
-    source_shape,
-    validate_shape,
-)
+from shear.prune.shapes import (head_configs, nearest_valid_shapes, plan_shape, resolve_target, shape_parameters,
+                                source_shape, validate_shape)
 
 
 def llama_config(layers, hidden, heads, kv, mlp, vocab, tied, head_dim=None):

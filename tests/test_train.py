@@ -17,16 +17,8 @@ from shear.errors import ShearError
 from shear.io import trim_logs
 from shear.mixture import build_sampler, heldout_rows
 from shear.models import make_tiny_model, save_model
-from shear.train import (
-    apply_lora,
-    check_train_tokens,
-    load_teacher,
-    lr_at,
-    make_accelerator,
-    read_checkpoint,
-    steps_for_budget,
-    train,
-)
+from shear.train import (apply_lora, check_train_tokens, load_teacher, lr_at, make_accelerator, read_checkpoint,
+                         steps_for_budget, train)
 from tests.conftest import REPO, full_params
 
 SPEC = "layers=2,hidden=64,heads=4,kv_heads=2,mlp=128"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
