@@ -113,3 +113,20 @@ def test_prune_method_table_matches_config():
     from stages.prune import METHODS
 
     assert set(METHODS) == set(typing.get_args(typing.get_type_hints(PruneParams)["method"]))
+
+
+def test_every_path_in_shear_paths_is_one_of_dvc_yamls():
+    from pathlib import Path
+
+    from shear import paths
+
+    declared = set()
+    for stage in STAGES.values():
+        for field in ("deps", "outs", "metrics"):
+            for entry in stage.get(field, []):
+                declared |= set(entry) if isinstance(entry, dict) else {entry}
+    for name, value in vars(paths).items():
+        if isinstance(value, Path):
+            assert any(d == str(value) or d.startswith(f"{value}/") for d in declared), (name, str(value))
+    for name in paths.MODEL_NAMES:
+        assert str(paths.model_dir(name)) in declared and str(paths.metrics_file(name)) in declared, name
