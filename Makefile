@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 DEBIAN_PACKAGES := r-cran-janeaustenr dict-foldoc python3.11-doc derivations debian-faq manpages-de manpages-fr
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup setup-python setup-corpus repro test compare bench clean
+.PHONY: setup setup-python setup-corpus repro lint test compare bench clean
 
 setup: setup-python setup-corpus
 
@@ -31,7 +31,10 @@ $(VENV)/.debian: | $(VENV)/.installed
 repro: setup
 	dvc repro
 
-test: setup-python
+lint: setup-python
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 compare: setup-python

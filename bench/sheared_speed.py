@@ -120,7 +120,7 @@ def compare(model, device: torch.device, batch_size: int, seq_len: int, repeats:
     for i in range(warmup + repeats):
         hooks = MaskHooks(model, masks)  # attached for the masked step only: the plain step runs hook-free
         objective = ShearedObjective(masks, hooks, None, lagrangian_warmup_steps=2, source_params=1.0, seed=i)
-        masked = timed(lambda: masked_step(model, objective, masked_opt, batch), device)
+        masked = timed(lambda: masked_step(model, objective, masked_opt, batch), device)  # noqa: B023 (called at once)
         hooks.remove()
         plain = timed(lambda: plain_step(model, plain_opt, batch), device)
         if i >= warmup:

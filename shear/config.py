@@ -270,14 +270,49 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise ConfigError(f"{path}: not valid YAML{line}") from None
-    return parse_params(raw, source=path.name)
+    return parse_params(raw, source=path.name, complete=True)
 
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Validate a params mapping (as read from YAML) into a `Params` tree."""
+def parse_params(raw: Any, source: str = "params.yaml", complete: bool = False) -> Params:
+    """Validate a params mapping (as read from YAML) into a `Params` tree.
+
+    complete: every section and key must be given (a params file: a missing key is an
+    error, never a silent default); otherwise missing keys take their defaults (tests,
+    programmatic use).
+    """
     params = _build(Params, raw, "", source)
+    if complete:
+        _check_complete(raw, source)
     _check_cross_fields(params, source)
     return params
+
+
+def _missing_keys(cls: type, raw: dict, prefix: str) -> list[str]:
+    """Dotted keys of `cls` (nested sections included) that `raw` does not set."""
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            missing.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            missing += _missing_keys(hints[f.name], raw[f.name] or {}, f"{prefix}{f.name}.")
+    return missing
+
+
+def _check_complete(raw: Any, source: str) -> None:
+    """A params file sets every section and key: name what is missing, in one line."""
+    sections = [f.name for f in dataclasses.fields(Params)]
+    if not raw:
+        raise ConfigError(f"{source}: empty; it must set every section ({', '.join(sections)}); "
+                          "start from the repository's params.yaml")
+    absent = [name for name in sections if name not in raw]
+    if absent:
+        raise ConfigError(f"{source}: missing sections {', '.join(absent)}; every section must be set "
+                          "(copy them from the repository's params.yaml)")
+    missing = _missing_keys(Params, raw, "")
+    if missing:
+        raise ConfigError(f"{source}: missing keys {', '.join(missing)}; every key must be set "
+                          "(the repository's params.yaml lists them all)")
 
 
 def _type_name(tp: Any) -> str:
@@ -387,6 +422,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+# The length of the held-out rows whose loss retraining logs and dynamic batch loading
+# compares with the base model's: the reference is the evaluate stage's loss at this length
+# (the seeds' 128-token protocol), so the dynamic mixture needs it in evaluate.ppl_seq_lens.
+HELDOUT_SEQ_LEN = 128
 BLOCK_CRITERIA = ("ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "sleb", "random")
 WIDTH_CRITERIA = ("activation", "taylor", "magnitude")
 BUILTIN_DOMAINS = ("books", "encyclopedic", "docs", "code", "math", "qa", "multilingual")
@@ -396,16 +435,32 @@ def _check_cross_fields(p: Params, source: str) -> None:
     """Checks that involve more than one key."""
     for c in p.score.block_criteria:
         if c not in BLOCK_CRITERIA:
-            raise ConfigError(f"{source}: score.block_criteria has unknown criterion {c!r}; valid: {', '.join(BLOCK_CRITERIA)}")
+            raise ConfigError(f"{source}: score.block_criteria has unknown criterion {c!r}; "
+                              f"valid: {', '.join(BLOCK_CRITERIA)}")
     for c in p.score.width_criteria:
         if c not in WIDTH_CRITERIA:
-            raise ConfigError(f"{source}: score.width_criteria has unknown criterion {c!r}; valid: {', '.join(WIDTH_CRITERIA)}")
+            raise ConfigError(f"{source}: score.width_criteria has unknown criterion {c!r}; "
+                              f"valid: {', '.join(WIDTH_CRITERIA)}")
     depth = p.prune.depth
     if depth.criterion not in BLOCK_CRITERIA:
         raise ConfigError(f"{source}: prune.depth.criterion={depth.criterion!r} is not valid; "
                           f"choose one of {', '.join(BLOCK_CRITERIA)}")
     if p.prune.method == "depth" and depth.ratio is None and depth.num_blocks is None:
-        raise ConfigError(f"{source}: prune.method=depth needs prune.depth.ratio in (0, 1) or prune.depth.num_blocks >= 1")
+        raise ConfigError(f"{source}: prune.method=depth needs prune.depth.ratio in (0, 1) "
+                          "or prune.depth.num_blocks >= 1")
+    # Cross-stage requirements: checked before the first stage runs, not where they fail.
+    if p.prune.method == "depth" and depth.criterion not in p.score.block_criteria:
+        raise ConfigError(f"{source}: prune.depth.criterion={depth.criterion} has no scores: add it to "
+                          f"score.block_criteria (now {', '.join(p.score.block_criteria) or 'empty'})")
+    if p.prune.method == "width" and p.prune.width.criterion not in p.score.width_criteria:
+        raise ConfigError(f"{source}: prune.width.criterion={p.prune.width.criterion} has no scores: add it to "
+                          f"score.width_criteria (now {', '.join(p.score.width_criteria) or 'empty'})")
+    lengths = p.evaluate.ppl_seq_lens
+    if p.mixture_kind() == "dynamic" and not p.mixture.reference_loss and HELDOUT_SEQ_LEN not in lengths:
+        raise ConfigError(f"{source}: the dynamic mixture (data.mixture={p.data.mixture}, "
+                          f"prune.method={p.prune.method}) compares losses with the base model's at {HELDOUT_SEQ_LEN} "
+                          f"tokens: add {HELDOUT_SEQ_LEN} to evaluate.ppl_seq_lens (now {lengths}) "
+                          "or set mixture.reference_loss")
     for d in p.corpus.domains:
         if d not in BUILTIN_DOMAINS:
             raise ConfigError(
@@ -434,3 +489,57 @@ def _check_cross_fields(p: Params, source: str) -> None:
     for b in p.evaluate.speed.batch_sizes:
         if b < 1:
             raise ConfigError(f"{source}: evaluate.speed.batch_sizes has {b}; each batch size must be >= 1")
+
+
+# ----------------------------------------------------------------------------- what a stage reads
+# The prune and retrain stages read different keys for different methods, which dvc.yaml's
+# static `params:` lists cannot say. The params stage writes these resolved settings to
+# reports/params/<stage>.json, the stage's dependency instead: an edit re-runs the stage only
+# when it changes what the stage reads (mixture.eta does not re-run depth pruning).
+
+
+def pick(p: Params, keys: list[str]) -> dict[str, Any]:
+    """{dotted key: value} of `p` for `keys` (a key may name a whole section)."""
+    tree, picked = dataclasses.asdict(p), {}
+    for key in keys:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = node
+    return picked
+
+
+def _mixture_keys(p: Params) -> list[str]:
+    """The data and mixture keys a training run reads: the dynamic update's only when dynamic."""
+    keys = ["data.domain_weights", "mixture.eval_sequences"]
+    if p.mixture_kind() == "dynamic":
+        keys += ["mixture.update_every", "mixture.eta", "mixture.smoothing", "mixture.reference_loss"]
+    return keys
+
+
+def prune_settings(p: Params) -> dict[str, Any]:
+    """The settings the prune stage reads for prune.method, by dotted key."""
+    method = p.prune.method
+    keys = ["prune.method", "run.seed", "run.dtype"]
+    if method == "depth":
+        keys += ["run.device", "prune.depth", "score.keep_first", "score.keep_last"]
+        if p.prune.depth.mode == "iterative" and p.prune.depth.criterion != "sleb":  # re-scores on calibration
+            keys += ["score.calib_sequences", "score.calib_seq_len", "score.batch_size"]
+    elif method == "width":
+        keys += ["prune.target", "prune.width"]
+    else:
+        keys += ["run.device", "prune.target", "prune.sheared"] + _mixture_keys(p)
+    settings = pick(p, keys)
+    if method == "sheared":
+        settings["mixture_kind"] = p.mixture_kind()  # data.mixture with `auto` resolved
+    return settings
+
+
+def retrain_settings(p: Params) -> dict[str, Any]:
+    """The settings the retrain stage reads, by dotted key (prune.method only through the mixture kind)."""
+    return {**pick(p, ["retrain", "run.seed", "run.device", "run.dtype"] + _mixture_keys(p)),
+            "mixture_kind": p.mixture_kind()}
+
+
+# stage -> the function giving its settings file's content
+STAGE_SETTINGS = {"prune": prune_settings, "retrain": retrain_settings}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +21,9 @@ from tqdm import tqdm
 from shear.errors import ShearError
 from shear.io import atomic_dir, read_json
 from shear.models import tokenizer_fingerprint
+
+if TYPE_CHECKING:  # torch is imported where it is used, not at import time
+    import torch
 
 SPLITS = ("train", "calib", "eval")
 
@@ -79,8 +82,12 @@ def token_dtype(vocab_size: int):
 
 def build_shards(raw_dir: str | Path, tokenizer, out_dir: str | Path, seq_len: int,
                  calib_fraction: float, eval_fraction: float, max_tokens_per_domain: int,
-                 seed: int) -> dict:
-    """Tokenize every `<raw_dir>/<domain>.jsonl`, split, pack and write shards; returns the manifest."""
+                 seed: int, min_eval_tokens: int = 0) -> dict:
+    """Tokenize every `<raw_dir>/<domain>.jsonl`, split, pack and write shards; returns the manifest.
+
+    A domain whose eval split holds fewer than `min_eval_tokens` tokens is refused (nothing is
+    written): evaluation and the held-out losses of later stages would fail on it.
+    """
     raw_files = sorted(Path(raw_dir).glob("*.jsonl"))
     if not raw_files:
         raise ShearError(f"{raw_dir}: no <domain>.jsonl files; run the corpus stage first")
@@ -120,6 +127,11 @@ def build_shards(raw_dir: str | Path, tokenizer, out_dir: str | Path, seq_len: i
                 arr = pack(docs, seq_len, eos, dtype)
                 np.save(tmp / domain / f"{split}.npy", arr)
                 entry[split] = {"documents": len(docs), "sequences": int(arr.shape[0]), "tokens": int(arr.size)}
+            if entry["eval"]["tokens"] < min_eval_tokens:
+                raise ShearError(
+                    f"{path}: domain {domain} has {entry['eval']['tokens']:,} held-out (eval) tokens; evaluation and "
+                    f"the held-out losses need {min_eval_tokens:,}: add text to it, raise shards.eval_fraction or "
+                    "leave it out of corpus.domains / corpus.user_sources")
             manifest["domains"][domain] = entry
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -163,7 +175,7 @@ def load_domains(shards_dir: str | Path, split: str, tokenizer=None) -> dict[str
 
 
 def calibration_batch(shards_dir: str | Path, n_sequences: int, seq_len: int, tokenizer=None,
-                      split: str = "calib") -> "torch.Tensor":
+                      split: str = "calib") -> torch.Tensor:
     """`n_sequences` rows of `seq_len` tokens from the calib split, taken round-robin over domains.
 
     Deterministic (first rows of each domain), so every criterion scores on the same data.

@@ -9,8 +9,7 @@ from shear.corpus.sources import collect_documents, provenance
 from shear.corpus.user import untracked_sources
 from shear.errors import ShearError
 from shear.io import atomic_dir, write_json
-
-RAW, HELDOUT, REPORT = "data/raw", "data/heldout", "reports/corpus.json"
+from shear.paths import CORPUS_REPORT, HELDOUT, RAW
 
 
 def check_tracked(user_sources: list[dict], dvc_yaml: Path = Path("dvc.yaml")) -> None:
@@ -39,7 +38,7 @@ def main(params, args):
         for domain, stats in report["domains"].items():
             stats["raw_sha256"] = write_jsonl(raw_tmp / f"{domain}.jsonl", raw[domain])
             stats["heldout_sha256"] = write_jsonl(heldout_tmp / f"{domain}.jsonl", heldout[domain])
-    write_json(REPORT, report)
+    write_json(CORPUS_REPORT, report)
     for domain, counts in report["domains"].items():
         print(f"corpus: {domain:14s} {counts['documents']:6,} documents {counts['characters']:11,} characters "
               f"(+{counts['heldout_documents']} held out)")

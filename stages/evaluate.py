@@ -14,10 +14,8 @@ from shear.data import load_domains
 from shear.evaluate import domain_perplexity, non_numeric_keys, retention, run_tasks, tokenizer_adds_bos
 from shear.io import read_json, write_json
 from shear.models import count_parameters, load_model, pick_device
+from shear.paths import BASE_METRICS, BASE_MODEL, HELDOUT, MODEL_NAMES, SHARDS, metrics_file, model_dir
 from shear.speed import measure_speed, speedup
-
-MODELS, SHARDS, HELDOUT, REPORTS = "data/models", "data/shards", "data/heldout", "reports/eval"
-NAMES = ("base", "pruned", "retrained")
 
 
 def speed_of(model, device, sp) -> dict:
@@ -30,7 +28,7 @@ def main(params, args):
     ev, name = params.evaluate, args.model
     device = pick_device(params.run.device)
     started = time.perf_counter()
-    model, tokenizer, _ = load_model(f"{MODELS}/{name}", device=device)
+    model, tokenizer, _ = load_model(model_dir(name), device=device)
     eval_splits = load_domains(SHARDS, "eval", tokenizer)  # refuses shards of another tokenizer
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
 
@@ -41,12 +39,12 @@ def main(params, args):
     # Speed last: measure_speed turns the model to bf16 in place on CUDA.
     metrics["speed"] = speed_of(model, device, ev.speed)
     if name != "base":
-        metrics["retention"] = retention(metrics, read_json(f"{REPORTS}/base/metrics.json"))
+        metrics["retention"] = retention(metrics, read_json(BASE_METRICS))
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        base_model, _, _ = load_model(f"{MODELS}/base", device=device)
+        base_model, _, _ = load_model(BASE_MODEL, device=device)
         metrics["speedup"] = speedup(metrics["speed"], speed_of(base_model, device, ev.speed))
     metrics["info"] = {
         "model": name,
@@ -61,18 +59,18 @@ def main(params, args):
     bad = non_numeric_keys(metrics)
     if bad:  # a bug, not user input: dvc metrics diff could not compare these
         raise TypeError(f"metrics.json: non-numeric values at {', '.join(bad)}")
-    write_json(f"{REPORTS}/{name}/metrics.json", metrics)
+    write_json(metrics_file(name), metrics)
 
     for length, values in metrics["ppl"].items():
         print(f"evaluate {name}: ppl@{length} " + "  ".join(f"{d}={v:.2f}" for d, v in values.items()))
     for task, values in metrics["tasks"].items():
         print(f"evaluate {name}: {task} acc={values.get('acc', float('nan')):.3f} "
               f"± {values.get('acc_stderr', float('nan')):.3f} (n={values.get('n')})")
-    print(f"evaluate {name}: wrote {REPORTS}/{name}/metrics.json in {metrics['info']['wall_s']} s")
+    print(f"evaluate {name}: wrote {metrics_file(name)} in {metrics['info']['wall_s']} s")
 
 
 def add_arguments(parser):
-    parser.add_argument("model", choices=NAMES, help="which model of data/models/ to evaluate")
+    parser.add_argument("model", choices=MODEL_NAMES, help="which model of data/models/ to evaluate")
 
 
 if __name__ == "__main__":

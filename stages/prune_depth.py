@@ -4,28 +4,24 @@ one_shot: the n lowest-scoring unprotected blocks of reports/scores/block_<crite
 (sleb: its greedy removal order). iterative: remove the lowest, re-score the smaller model
 on the calibration set, repeat n times (sleb is iterative already and keeps its order).
 """
-from pathlib import Path
-
 from shear.data import calibration_batch
 from shear.errors import ShearError
 from shear.importance.blocks import block_scores
 from shear.io import read_json
 from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
+from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORES, SHARDS
 from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
                                select_blocks, target_setting)
-
-BASE, SHARDS, SCORES = "data/models/base", "data/shards", Path("reports/scores")
-OUT = "data/models/pruned"
 
 
 def main(params, args):
     depth, score = params.prune.depth, params.score
-    model, tokenizer, base_record = load_model(BASE, device=pick_device(params.run.device))
+    model, tokenizer, base_record = load_model(BASE_MODEL, device=pick_device(params.run.device))
     L = model.config.num_hidden_layers
     scores_path = SCORES / f"block_{depth.criterion}.json"
     record = read_json(scores_path)
     if len(record["scores"]) != L:
-        raise ShearError(f"{scores_path}: scores {len(record['scores'])} blocks but {BASE} has {L}; "
+        raise ShearError(f"{scores_path}: scores {len(record['scores'])} blocks but {BASE_MODEL} has {L}; "
                          "re-run the score stage (dvc repro score)")
     n = blocks_to_remove(L, block_parameters(model), depth.ratio, depth.num_blocks)
     protected = protected_blocks(depth.criterion, L, score.keep_first, score.keep_last)
@@ -46,7 +42,7 @@ def main(params, args):
 
         removed, steps = prune_iterative(model, n, record["scores"], rescore, protected)
 
-    info = save_model(model, tokenizer, OUT, {
+    info = save_model(model, tokenizer, PRUNED_MODEL, {
         "method": "depth",
         "source": base_record.get("source"),
         "criterion": depth.criterion,

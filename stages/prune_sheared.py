@@ -14,28 +14,26 @@ grad_accum are unchanged.
 """
 import dataclasses
 import time
-from pathlib import Path
 
+from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
 from shear.io import model_digest, recover_dir, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
 from shear.models import architecture, count_parameters, layout, load_model, save_model
+from shear.paths import BASE_METRICS, BASE_MODEL, PRUNE_CHECKPOINTS, PRUNE_LOGS, PRUNED_MODEL, SHARDS
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
 from shear.trainer import (check_seq_len, check_train_tokens, launched, make_accelerator, open_live, plan_run,
                            read_checkpoint, relaunch)
 
-BASE, SHARDS, BASE_METRICS = "data/models/base", "data/shards", "reports/eval/base/metrics.json"
-OUT, CHECKPOINTS, LOGS = "data/models/pruned", "data/checkpoints/prune", "reports/train/prune"
-HELDOUT_SEQ_LEN = 128  # the dynamic mixture compares held-out losses with the base model's at 128 tokens
 
 
 def main(params, args):
     prune, sheared, mixture, seed = params.prune, params.prune.sheared, params.mixture, params.run.seed
     started = time.perf_counter()
-    recover_dir(OUT)  # a run killed while replacing the output left it aside: put it back
+    recover_dir(PRUNED_MODEL)  # a run killed while replacing the output left it aside: put it back
     if sheared.num_processes > 1 and not launched():
         # The checks that need no model, before paying for N processes.
         plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,
@@ -50,7 +48,7 @@ def main(params, args):
     is_main = accelerator.is_main_process
     plan = plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,
                     accelerator.num_processes, sheared.lr_warmup_fraction)
-    model, tokenizer, base_record = load_model(BASE)
+    model, tokenizer, base_record = load_model(BASE_MODEL)
     check_seq_len("prune.sheared", sheared.seq_len, model.config)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align" and v is not None}
     target = resolve_target(model.config, target_keys, prune.target.align, prune.target.tp_divisible)
@@ -78,23 +76,23 @@ def main(params, args):
         "rows_per_draw": plan.batch_size * plan.world_size,
         "target": target, "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None, "reference": reference,
-        "seed": seed, "device": accelerator.device.type, "base": model_digest(BASE),
+        "seed": seed, "device": accelerator.device.type, "base": model_digest(BASE_MODEL),
         "shards": load_manifest(SHARDS),
     })
-    resume = read_checkpoint(CHECKPOINTS, fingerprint, "sheared", announce=is_main)
-    live = open_live(LOGS, resume["step"] if resume is not None else None) if is_main else None
+    resume = read_checkpoint(PRUNE_CHECKPOINTS, fingerprint, "sheared", announce=is_main)
+    live = open_live(PRUNE_LOGS, resume["step"] if resume is not None else None) if is_main else None
     before = count_parameters(model)
     pruned, record = prune_sheared(
         model, masks, sampler, plan, accelerator, lr_model=sheared.lr_model, lr_mask=sheared.lr_mask,
         lr_lambda=sheared.lr_lambda, lagrangian_warmup_fraction=sheared.lagrangian_warmup_fraction,
-        checkpoint_every=sheared.checkpoint_every, checkpoint_dir=CHECKPOINTS, fingerprint=fingerprint, live=live,
+        checkpoint_every=sheared.checkpoint_every, checkpoint_dir=PRUNE_CHECKPOINTS, fingerprint=fingerprint, live=live,
         resume=resume, seed=seed, heldout=heldout, update_every=mixture.update_every,
         activation_checkpointing=sheared.activation_checkpointing)
     if is_main:
         live.end()
         if dynamic:
-            plot_weights(sampler, Path(LOGS) / "mixture_weights.png", mixture.update_every)
-        info = save_model(pruned, tokenizer, OUT, {
+            plot_weights(sampler, PRUNE_LOGS / "mixture_weights.png", mixture.update_every)
+        info = save_model(pruned, tokenizer, PRUNED_MODEL, {
             **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
             "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
         })

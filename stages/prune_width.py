@@ -5,21 +5,18 @@ reports/scores/width_<prune.width.criterion>.json, the same number in every laye
 drops the least important layers when the target has fewer; writes data/models/pruned/.
 """
 import dataclasses
-from pathlib import Path
 
 from shear.errors import ShearError
 from shear.importance.width import read_width_scores
 from shear.models import count_parameters, load_model, save_model
+from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORES
 from shear.prune.shapes import resolve_target, source_shape
 from shear.prune.width import width_prune
-
-BASE, SCORES = "data/models/base", Path("reports/scores")
-OUT = "data/models/pruned"
 
 
 def main(params, args):
     prune = params.prune
-    model, tokenizer, base_record = load_model(BASE)
+    model, tokenizer, base_record = load_model(BASE_MODEL)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align"}
     target = resolve_target(model.config, target_keys, prune.target.align, prune.target.tp_divisible)
 
@@ -33,12 +30,12 @@ def main(params, args):
     expected = {"heads": (src["num_hidden_layers"], src["num_attention_heads"]),
                 "mlp": (src["num_hidden_layers"], src["intermediate_size"]), "hidden": (src["hidden_size"],)}
     if any(tuple(scores[k].shape) != shape for k, shape in expected.items()):
-        raise ShearError(f"{scores_path}: scores were computed for another model than {BASE}; "
+        raise ShearError(f"{scores_path}: scores were computed for another model than {BASE_MODEL}; "
                          "re-run the score stage (dvc repro score)")
 
     before = count_parameters(model)
     model, record = width_prune(model, target, scores)
-    info = save_model(model, tokenizer, OUT, {
+    info = save_model(model, tokenizer, PRUNED_MODEL, {
         **record,
         "source": base_record.get("source"),
         "criterion": criterion,

@@ -1,19 +1,14 @@
 """Stage `report`: table and figures comparing base, pruned and retrained -> reports/report.md, reports/figures/."""
-from pathlib import Path
-
 from shear.io import read_json
+from shear.paths import FIGURES, MODEL_NAMES, REPORT, metrics_file, model_dir
 from shear.report import write_report
-
-NAMES = ("base", "pruned", "retrained")
-EVAL, MODELS = Path("reports/eval"), Path("data/models")
-REPORT, FIGURES = "reports/report.md", "reports/figures"
 
 
 def main(params, args):
-    metrics = {name: read_json(EVAL / name / "metrics.json") for name in NAMES}
+    metrics = {name: read_json(metrics_file(name)) for name in MODEL_NAMES}
     # shear.json says how each model was made and its shape (a missing one leaves "—" cells)
-    records = {name: read_json(MODELS / name / "shear.json") for name in NAMES
-               if (MODELS / name / "shear.json").is_file()}
+    records = {name: read_json(model_dir(name) / "shear.json") for name in MODEL_NAMES
+               if (model_dir(name) / "shear.json").is_file()}
     text = write_report(metrics, REPORT, FIGURES, records)
     table = text[text.index("| "):text.index("## How")]
     print(table, end="")

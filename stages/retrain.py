@@ -29,42 +29,40 @@ then `dvc commit retrain` on node 0 records the outputs in dvc.lock.
 """
 import dataclasses
 import shutil
-from pathlib import Path
 
+from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
 from shear.io import atomic_dir, model_digest, recover_dir, run_hash, write_json
 from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
 from shear.models import load_model, pick_device, save_model
+from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
+                         SHARDS)
 from shear.train import apply_lora, load_teacher, require_teacher, train
 from shear.trainer import (check_seq_len, check_train_tokens, launched, make_accelerator, open_live, plan_run,
                            read_checkpoint, relaunch)
 
-PRUNED, BASE, SHARDS = "data/models/pruned", "data/models/base", "data/shards"
-OUT, CHECKPOINTS, LOGS = "data/models/retrained", "data/checkpoints/retrain", "reports/train/retrain"
-BASE_METRICS = "reports/eval/base/metrics.json"
-EVAL_SEQ_LEN = 128  # held-out loss length: the reference losses of the evaluate stage are at 128 tokens
 
 
 def copy_pruned(params) -> None:
     """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
-    model, tokenizer, record = load_model(PRUNED)
-    losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, EVAL_SEQ_LEN))
-    with atomic_dir(OUT) as tmp:
-        for f in Path(PRUNED).iterdir():
+    model, tokenizer, record = load_model(PRUNED_MODEL)
+    losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN))
+    with atomic_dir(RETRAINED_MODEL) as tmp:
+        for f in PRUNED_MODEL.iterdir():
             if f.name != "shear.json":
                 shutil.copy2(f, tmp / f.name)
         write_json(tmp / "shear.json", {**record, "retrain": {"method": "none", "tokens": 0, "loss_after": losses}})
-    live = open_live(LOGS, None)
+    live = open_live(RETRAIN_LOGS, None)
     for domain, value in losses.items():
         live.log_metric(f"eval/loss/{domain}", value)
     live.end()
-    print(f"retrain: method none, copied {PRUNED} -> {OUT}")
+    print(f"retrain: method none, copied {PRUNED_MODEL} -> {RETRAINED_MODEL}")
 
 
 def main(params, args):
     retrain = params.retrain
-    recover_dir(OUT)  # a run killed while replacing the output left it aside: put it back
+    recover_dir(RETRAINED_MODEL)  # a run killed while replacing the output left it aside: put it back
     if retrain.method == "none":
         copy_pruned(params)
         return
@@ -73,7 +71,7 @@ def main(params, args):
         plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
                  retrain.num_processes, retrain.warmup_fraction)
         if retrain.distill > 0:
-            require_teacher(BASE)
+            require_teacher(BASE_MODEL)
         fsdp = retrain.method == "cpt" and pick_device(params.run.device).type == "cuda"
         if relaunch("stages.retrain", retrain.num_processes, args.params, fsdp=fsdp) != 0:
             raise ShearError("retrain: a training process failed (its error is printed above)")
@@ -86,21 +84,21 @@ def main(params, args):
     plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
              accelerator.num_processes, retrain.warmup_fraction)
     if retrain.distill > 0:
-        require_teacher(BASE)
-    model, tokenizer, record = load_model(PRUNED)
+        require_teacher(BASE_MODEL)
+    model, tokenizer, record = load_model(PRUNED_MODEL)
     check_seq_len("retrain", retrain.seq_len, model.config)
-    check_seq_len("retrain (held-out rows)", EVAL_SEQ_LEN, model.config)
+    check_seq_len("retrain (held-out rows)", HELDOUT_SEQ_LEN, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
     check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
-    teacher = load_teacher(BASE, model, accelerator.device) if retrain.distill > 0 else None
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None
 
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
     mixture = params.mixture
-    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), EVAL_SEQ_LEN) if dynamic else None
+    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN) if dynamic else None
     sampler = build_sampler(kind, domains, retrain.seq_len, params.run.seed, params.data.domain_weights,
                             reference, mixture.eta, mixture.smoothing)
-    rows = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, EVAL_SEQ_LEN)
+    rows = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN)
     if retrain.method == "lora":
         model = apply_lora(model, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
 
@@ -113,17 +111,17 @@ def main(params, args):
         "mixture": dataclasses.asdict(mixture) if dynamic else None,
         "seed": params.run.seed,
         "world_size": accelerator.num_processes,
-        "model": model_digest(PRUNED),
-        "teacher": model_digest(BASE) if teacher is not None else None,
+        "model": model_digest(PRUNED_MODEL),
+        "teacher": model_digest(BASE_MODEL) if teacher is not None else None,
         "shards": load_manifest(SHARDS),
     }
     run_id = run_hash(settings)
-    resume = read_checkpoint(CHECKPOINTS, run_id, "retrain", announce=is_main)
+    resume = read_checkpoint(RETRAIN_CHECKPOINTS, run_id, "retrain", announce=is_main)
 
-    live = open_live(LOGS, resume["step"] if resume is not None else None) if is_main else None
+    live = open_live(RETRAIN_LOGS, resume["step"] if resume is not None else None) if is_main else None
     trained, summary = train(
         model, sampler, retrain, accelerator, teacher=teacher, eval_rows=rows,
-        update_every=mixture.update_every if dynamic else None, live=live, checkpoint_dir=CHECKPOINTS,
+        update_every=mixture.update_every if dynamic else None, live=live, checkpoint_dir=RETRAIN_CHECKPOINTS,
         run_id=run_id, resume=resume, seed=params.run.seed,
     )
     if is_main:
@@ -144,13 +142,13 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
         summary["lora"] = dataclasses.asdict(retrain.lora)
     if kind == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
-        plot_weights(sampler, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mixture.update_every)
-    save_model(trained, tokenizer, OUT, {**record, "retrain": summary})  # architecture and counts are refreshed
+        plot_weights(sampler, RETRAIN_LOGS / "plots" / "images" / "mixture_weights.png", mixture.update_every)
+    save_model(trained, tokenizer, RETRAINED_MODEL, {**record, "retrain": summary})  # architecture and counts are refreshed
     live.end()
     before, after = summary["loss_before"], summary["loss_after"]
     print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, "
           f"{summary['train_s']} s; held-out loss {before.get('mean', float('nan')):.4f} -> "
-          f"{after.get('mean', float('nan')):.4f} -> {OUT}")
+          f"{after.get('mean', float('nan')):.4f} -> {RETRAINED_MODEL}")
 
 
 if __name__ == "__main__":

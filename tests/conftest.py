@@ -61,3 +61,18 @@ def shards(tmp_path, raw_corpus, tiny) -> Path:
     build_shards(raw_corpus, tiny[1], out, seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
                  max_tokens_per_domain=200_000, seed=0)
     return out
+
+
+def full_params(overrides: dict) -> dict:
+    """A complete params mapping (every section and key, as a params file must have): the defaults with `overrides`."""
+    import dataclasses
+
+    from shear.config import Params
+
+    def merge(defaults: dict, changes: dict) -> dict:
+        out = dict(defaults)
+        for key, value in changes.items():
+            out[key] = merge(defaults[key], value) if isinstance(value, dict) and defaults.get(key) else value
+        return out
+
+    return merge(dataclasses.asdict(Params()), overrides)

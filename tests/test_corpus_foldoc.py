@@ -45,7 +45,7 @@ def test_dictd_foldoc(tmp_path):
 
 
 def test_entry_not_utf8_is_one_line_with_its_offset(tmp_path):
-    good, bad = "ok\n\n   fine entry.\n\n".encode(), "caf\u00e9\n\n   latin-1 entry.\n\n".encode("latin-1")
+    good, bad = b"ok\n\n   fine entry.\n\n", "caf\u00e9\n\n   latin-1 entry.\n\n".encode("latin-1")
     (tmp_path / "foldoc.index").write_text(f"ok\tA\t{_b64(len(good))}\ncafe\t{_b64(len(good))}\t{_b64(len(bad))}\n")
     (tmp_path / "foldoc.dict.dz").write_bytes(gzip.compress(good + bad))
     with pytest.raises(ShearError) as e:

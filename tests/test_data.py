@@ -58,7 +58,6 @@ def test_other_seed_gives_other_split(tmp_path, raw_corpus, tiny):
 
 def test_tokenizer_fingerprint_mismatch_is_refused(shards, tiny):
     load_manifest(shards, tiny[1])
-    from transformers import AutoTokenizer
 
     other = make_tiny_model()[1]
     other.add_tokens(["<extra>"])
@@ -83,3 +82,19 @@ def test_corrupt_shard_names_the_file(shards):
     (shards / "code" / "eval.npy").write_bytes(b"garbage")
     with pytest.raises(ShearError, match="eval.npy: corrupt shard"):
         load_split(shards, "code", "eval")
+
+
+def test_domain_too_small_for_evaluation_is_refused_and_nothing_written(tmp_path, raw_corpus, tiny):
+    manifest = build_shards(raw_corpus, tiny[1], tmp_path / "ok", seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
+                            max_tokens_per_domain=200_000, seed=0)
+    smallest = min(manifest["domains"], key=lambda d: manifest["domains"][d]["eval"]["tokens"])
+    tokens = manifest["domains"][smallest]["eval"]["tokens"]
+    with pytest.raises(ShearError) as e:
+        build_shards(raw_corpus, tiny[1], tmp_path / "shards", seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
+                     max_tokens_per_domain=200_000, seed=0, min_eval_tokens=tokens + 1)
+    assert str(e.value) == (f"{raw_corpus / smallest}.jsonl: domain {smallest} has {tokens:,} held-out (eval) tokens; "
+                            f"evaluation and the held-out losses need {tokens + 1:,}: add text to it, raise "
+                            "shards.eval_fraction or leave it out of corpus.domains / corpus.user_sources")
+    assert not (tmp_path / "shards").exists() and list(tmp_path.glob(".shards*")) == []
+    build_shards(raw_corpus, tiny[1], tmp_path / "shards", seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
+                 max_tokens_per_domain=200_000, seed=0, min_eval_tokens=tokens)  # exactly enough passes

@@ -102,7 +102,7 @@ def test_lm_eval_runs_offline_from_another_directory(tmp_path, monkeypatch, tiny
     results = run_tasks(model, tokenizer, ["shear_lastword", "shear_foldoc_mc"], heldout, limit=4,
                         batch_size=4, seed=0)
     assert set(results) == {"shear_lastword", "shear_foldoc_mc"}
-    for task, values in results.items():
+    for values in results.values():
         assert values["n"] == 4
         assert 0 <= values["acc"] <= 1 and values["acc_stderr"] >= 0
     assert 0 <= results["shear_foldoc_mc"]["acc_norm"] <= 1

@@ -1,10 +1,8 @@
 import importlib.util
-import subprocess
-import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from shear.errors import ShearError
 from shear.models import (count_parameters, load_model, load_source, make_tiny_model, parse_tiny_shape,

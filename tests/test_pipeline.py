@@ -2,7 +2,6 @@
 a second `dvc repro` that re-runs nothing, and sharing through a local DVC remote."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shear.config import Params
-from tests.conftest import REPO, stdlib_texts
+from tests.conftest import REPO, full_params, stdlib_texts
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -51,13 +49,6 @@ TINY_PARAMS = {
 }
 
 
-def _merge(defaults: dict, overrides: dict) -> dict:
-    out = dict(defaults)
-    for key, value in overrides.items():
-        out[key] = _merge(defaults[key], value) if isinstance(value, dict) and defaults.get(key) else value
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     """A git + DVC copy of the repository with tiny params and its own text files, reproduced once."""
@@ -70,8 +61,8 @@ def tiny_repo(tmp_path_factory) -> Path:
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
     dvc["stages"]["corpus"]["deps"].append("texts")
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
-    # DVC needs every parameter a stage names to be present: write the defaults, then the tiny overrides.
-    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(dataclasses.asdict(Params()), TINY_PARAMS)))
+    # A params file names every key: the defaults, then the tiny overrides.
+    (repo / "params.yaml").write_text(yaml.safe_dump(full_params(TINY_PARAMS)))
     (repo / "texts").mkdir()
     for i, text in enumerate(stdlib_texts(40)):
         # Prose-like text for the "books" domain: the docstrings and comments of stdlib modules.
@@ -107,5 +98,37 @@ def test_share_through_local_remote(tiny_repo, tmp_path):
     sh(f"git clone -q {tiny_repo} {clone}", tmp_path)
     sh("dvc pull -q", clone)
     assert (clone / "data/models/retrained/model.safetensors").is_file()
-    status = sh("dvc status", clone)
-    assert "up to date" in status, status
+    # Training checkpoints are neither cached nor pushed: the clone lacks only them, and
+    # --allow-missing (the teammate's repro after a pull) re-runs nothing for that.
+    status = sh("dvc status --json", clone)
+    changed = {out for stage in json.loads(status).values() for entry in stage
+               for out in entry.get("changed outs", {})}
+    assert changed <= {"data/checkpoints/prune", "data/checkpoints/retrain"}, status
+    out = sh("dvc repro --allow-missing", clone)
+    assert "Running stage" not in out, out
+
+
+def test_misspelled_section_stops_dvc_repro(tiny_repo):
+    params = tiny_repo / "params.yaml"
+    good = params.read_text()
+    try:
+        params.write_text(good + "retrian: {tokens: 1}\n")
+        done = subprocess.run("dvc repro", shell=True, cwd=tiny_repo, env=_env(), capture_output=True, text=True)
+        assert done.returncode != 0
+        assert "params.yaml: unknown key retrian; valid keys: run" in done.stdout + done.stderr
+    finally:
+        params.write_text(good)
+    sh("dvc repro", tiny_repo)
+
+
+def test_other_methods_keys_do_not_rerun_pruning(tiny_repo):
+    params = tiny_repo / "params.yaml"
+    good = params.read_text()
+    try:
+        params.write_text(good.replace("eta: 1.0", "eta: 2.0"))
+        out = sh("dvc repro", tiny_repo)
+        assert "Running stage 'params'" in out and "Running stage 'prune'" not in out, out
+        assert "Running stage 'retrain'" not in out, out  # a fixed mixture reads no mixture.eta either
+    finally:
+        params.write_text(good)
+    sh("dvc repro", tiny_repo)

@@ -19,7 +19,7 @@ from shear.mixture import build_sampler, heldout_rows
 from shear.models import make_tiny_model, save_model
 from shear.train import apply_lora, load_teacher, train
 from shear.trainer import check_seq_len, check_train_tokens, lr_factor, make_accelerator, plan_run, read_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, full_params
 
 SPEC = "layers=2,hidden=64,heads=4,kv_heads=2,mlp=128"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -193,7 +193,7 @@ def test_two_process_stage(tmp_path, raw_corpus):
         "retrain": {"method": "cpt", "tokens": 6 * 2 * 2 * SEQ, "batch_size": 2, "seq_len": SEQ, "lr": 3e-3,
                     "warmup_fraction": 0.0, "num_processes": 2, "checkpoint_every": 4, "eval_every": 3},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "stages.retrain"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)

@@ -86,7 +86,8 @@ def read_user_source(source: dict, i: int) -> list[dict]:
             if field not in table.column_names:
                 raise ShearError(f"{where}.text_field={field!r}: {f} has no such column; "
                                  f"columns: {', '.join(table.column_names)}")
-            for n, value in enumerate(_utf8_column(lambda: table.column(field).to_pylist(), f"{where}.path", f)):
+            for n, value in enumerate(_utf8_column(lambda: table.column(field).to_pylist(),  # noqa: B023 (called at once)
+                                                  f"{where}.path", f)):
                 texts.append((_field({field: value}, field, f"{where}.text_field", f"{f} row {n}"), f"{f.name}:{n}"))
     elif fmt == "hf":
         dataset = _load_hf(path, source.get("split", "train"), where)
