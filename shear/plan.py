@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from shear.errors import ShearError
+from shear.speed import kv_cache_bytes
 
 GiB = 2**30
 RUNTIME_BYTES = {"cpu": int(0.55 * GiB), "cuda": 1 * GiB}
@@ -257,7 +258,7 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
     # speed: decode with a static KV cache at the largest batch
     sp = ev.speed
     batch, length = max(sp.batch_sizes), sp.prompt_len + sp.new_tokens
-    kv = 2 * s.layers * s.kv_heads * s.head_dim * batch * length * w
+    kv = kv_cache_bytes(config, batch, length, w)
     plans["speed"] = StagePlan("speed", Memory(
         weights=s.total * w, kv_cache=kv,
         activations=forward_transient(s, batch * sp.prompt_len, batch, sp.prompt_len, w, batch), runtime=runtime),
