@@ -206,7 +206,8 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         # the candidates' streams, the true state and the next one (shear.importance.layerwise)
         calibration=(s.layers + 2) * n_calib * s.hidden * w,
         activations=fwd, runtime=runtime)
-    use_layerwise = whole.total > device_bytes and not taylor
+    # score.layerwise: true forces it, false forbids it, auto takes it when the whole model does not fit
+    use_layerwise = sc.layerwise is True or (sc.layerwise == "auto" and whole.total > device_bytes and not taylor)
     score = StagePlan("score", layerwise if use_layerwise else whole, micro_batch=sc.batch_size,
                       layerwise=use_layerwise)
     if whole.total > device_bytes and taylor:
@@ -225,7 +226,7 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         plans["prune"] = StagePlan(f"prune ({params.prune.method})",
                                    Memory(weights=2 * s.total * w, runtime=runtime))
 
-    # retrain (planned on the base shape: an upper bound for the pruned model)
+    # retrain (of the model whose config is given; a distillation teacher is counted at its size)
     rt = params.retrain
     if rt.method != "none":
         teacher = s.total * w if rt.distill > 0 else 0
@@ -282,13 +283,42 @@ def check_fits(plan: StagePlan, device_bytes: int, what_to_change: str) -> None:
         f"{device_bytes / GiB:.1f} GiB; {what_to_change} (python -m shear.plan shows the breakdown)")
 
 
-def advice(plan: StagePlan, section: str) -> str:
-    """What to change for a training stage that does not fit, from its plan."""
+def what_to_change(stage: str, plan: StagePlan, params) -> str:
+    """The one thing to change when `stage`'s plan does not fit, in params.yaml's words."""
+    if stage == "score":
+        if params.score.layerwise is False:
+            return "set score.layerwise: auto (layer-by-layer scoring holds one block at a time)"
+        if not plan.layerwise:
+            return ("remove taylor/taylor+ from score.block_criteria and taylor/magnitude from score.width_criteria "
+                    "(they need the whole model), so that scoring runs layer by layer")
+        return "lower score.calib_sequences or score.batch_size"
+    if stage == "evaluate":
+        return "lower evaluate.batch_size or the longest evaluate.ppl_seq_lens, or set run.dtype: bfloat16"
+    if stage == "speed":
+        return "lower the largest evaluate.speed.batch_sizes or set run.dtype: bfloat16"
+    section = "prune.sheared" if stage == "prune" else "retrain"
     if plan.processes == 0:
-        return f"it does not fit at any process count up to {PROCESS_COUNTS[-1]} with micro-batch 1"
+        return f"it does not fit at any process count up to {PROCESS_COUNTS[-1]} even at micro-batch 1"
     if plan.processes > 1:
-        return f"set {section}.num_processes={plan.processes} (FSDP) with {section}.batch_size={plan.micro_batch}"
-    return f"set {section}.batch_size={plan.micro_batch} and raise {section}.grad_accum to keep the global batch"
+        return f"run on {plan.processes} devices (FSDP, num_processes={plan.processes}) at micro-batch {plan.micro_batch}"
+    return f"set {section}.batch_size={plan.micro_batch} (and raise grad_accum to keep the global batch)"
+
+
+def check_stage(stage: str, params, model_dir: str | Path, device: torch.device) -> StagePlan:
+    """The plan of `stage` (score | prune | retrain | evaluate | speed) for the model in `model_dir`
+    on `device`; stops with one line naming what to change when it does not fit. Stages call
+    it first, before any side effect."""
+    from transformers import AutoConfig
+
+    from shear.models import resolve_dtype
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ShearError(f"{model_dir}: no model here (config.json missing); run the stage that writes it")
+    config = AutoConfig.from_pretrained(model_dir)
+    device_bytes = device_memory(device)
+    plan = plan_stages(params, config, resolve_dtype(params.run.dtype, device), device.type, device_bytes)[stage]
+    check_fits(plan, device_bytes, what_to_change(stage, plan, params))
+    return plan
 
 
 # ----------------------------------------------------------------------------- command line

@@ -14,6 +14,7 @@ from shear.data import load_domains, load_manifest
 from shear.io import read_json, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
 from shear.models import count_parameters, load_model, pick_device, save_model
+from shear.plan import check_stage
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
 
@@ -25,6 +26,7 @@ def main(params, args):
     prune, sheared, mixture, seed = params.prune, params.prune.sheared, params.mixture, params.run.seed
     started = time.perf_counter()
     device = pick_device(params.run.device)
+    check_stage("prune", params, BASE, device)
     model, tokenizer, base_record = load_model(BASE)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align" and v is not None}
     target = resolve_target(model.config, target_keys, prune.target.align)

@@ -41,6 +41,7 @@ from shear.errors import ShearError
 from shear.io import atomic_dir, run_hash, trim_logs, write_json
 from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
 from shear.models import load_model, pick_device, save_model
+from shear.plan import check_stage
 from shear.train import (apply_lora, check_train_tokens, load_teacher, make_accelerator, model_digest,
                          read_checkpoint, require_teacher, steps_for_budget, train)
 
@@ -89,6 +90,7 @@ def main(params, args):
     if retrain.method == "none":
         copy_pruned(params)
         return
+    check_stage("retrain", params, PRUNED, pick_device(params.run.device))
     if retrain.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         # The checks that need no model, before paying for N processes.
         steps_for_budget(retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum, retrain.num_processes)

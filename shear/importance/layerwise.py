@@ -80,6 +80,12 @@ class CheckpointBlocks:
         with torch.device(self.device):
             core.rotary_emb = type(core.rotary_emb)(config=self.config)
 
+    def tokenizer(self):
+        """The checkpoint's tokenizer."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.directory)
+
     @property
     def num_layers(self) -> int:
         """Blocks in the checkpoint."""
