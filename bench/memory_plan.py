@@ -59,7 +59,7 @@ def child(stage: str, base: str, params_path: str) -> dict:
     after_imports = rss_bytes()
     g = torch.Generator().manual_seed(0)
     if stage in ("score", "evaluate", "speed", "prune"):
-        model, _, _ = load_model(base, dtype=dtype, device=device)
+        model, tokenizer, record = load_model(base, dtype=dtype, device=device)
         vocab = model.config.vocab_size
         if stage == "score":
             from shear.importance.blocks import score_blocks
@@ -89,10 +89,9 @@ def child(stage: str, base: str, params_path: str) -> dict:
             from shear.models import save_model
             from shear.prune.depth import remove_blocks
 
-            _, tok, record = load_model(base)
             remove_blocks(model, list(range(6)))
             with tempfile.TemporaryDirectory() as tmp:
-                save_model(model, tok, Path(tmp) / "pruned", record)
+                save_model(model, tokenizer, Path(tmp) / "pruned", record)
     else:
         model, _, _ = load_model(base, device=device)  # training: float32 master weights
         train_step(stage, model, params, device, g)

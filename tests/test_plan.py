@@ -154,3 +154,18 @@ def test_score_stage_runs_layer_by_layer_when_the_model_does_not_fit(repo, monke
                 assert len(x) == len(y) and all(abs(u - v) <= 1e-5 * abs(u) for u, v in zip(x, y)), (name, key)
             else:
                 assert a[key] == b[key], (name, key)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_score_stage_in_bfloat16(repo, layerwise):
+    """run.dtype: bfloat16 on the CPU: the score stage loads (or reads block by block) in bf16 and scores."""
+    import argparse
+
+    from stages import score
+
+    params = small_params(run={"dtype": "bfloat16"}, score={"block_criteria": ["ppl", "bi"], "width_criteria":
+                                                           ["activation"], "layerwise": layerwise})
+    score.main(params, argparse.Namespace())
+    record = json.loads((repo / "reports/scores/block_ppl.json").read_text())
+    assert len(record["scores"]) == 4 and all(s > 1 for s in record["scores"])
+    assert (repo / "reports/scores/width_activation.json").is_file()
