@@ -53,7 +53,7 @@ PARTS = {
     "cpt_step": (60, dict(batch=4, seq_len=2048, steps=4, warmup=2), dict(batch=1, seq_len=16, steps=1, warmup=1)),
     "mask_overhead": (60, dict(batch=4, seq_len=1024, repeats=5, warmup=2),
                       dict(batch=1, seq_len=16, repeats=1, warmup=0)),
-    "decode": (170, ["--batch-sizes", "1", "32", "--new-tokens", "64", "--repeats", "3",
+    "decode": (300, ["--batch-sizes", "1", "32", "--new-tokens", "64", "--repeats", "3",
                      "--variants", "depth-20%", "width-20%", "--no-baseline"],
                ["--device", "cpu", "--shape", "tiny", "--batch-sizes", "1", "--prompt-len", "8", "--new-tokens",
                 "4", "--repeats", "1", "--paths", "eager", "--variants", "depth-20%", "--no-baseline"]),
@@ -124,8 +124,9 @@ def part_sheared_steps(device, dtype, smoke, seq_len, steps) -> dict:
     params.prune.sheared.seq_len = seq_len
     params.prune.sheared.batch_size = 4
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 * GiB
-    plan = plan_stages(params, config, dtype, device.type, device_bytes, max_processes=1)["prune"]
-    micro_batch = max(plan.micro_batch, 1)  # the largest that fits one device by the plan
+    # the largest micro-batch that fits one device by the plan, with 10% left for fragmentation
+    plan = plan_stages(params, config, dtype, device.type, int(0.9 * device_bytes), max_processes=1)["prune"]
+    micro_batch = max(plan.micro_batch, 1)
     params.prune.sheared.batch_size = micro_batch
     estimate = plan_stages(params, config, dtype, device.type, device_bytes)["prune"].memory.total
     model = build(config, device, torch.float32).train()  # float32 master weights, bf16 autocast

@@ -132,6 +132,7 @@ class StagePlan:
     memory: Memory
     processes: int = 1
     micro_batch: int = 0          # training / scoring batch per device
+    activation_checkpointing: bool = False  # needed to fit at that micro-batch
     checkpoint_bytes: int = 0     # one training checkpoint on disk
     layerwise: bool = False       # scoring one block at a time
     notes: list[str] = field(default_factory=list)
@@ -141,20 +142,28 @@ class StagePlan:
 
 
 def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: int, seq: int, act_bytes: int,
-                  shards: int, checkpointing: bool, runtime: int, extra: int = 0) -> Memory:
+                  shards: int, checkpointing: bool, runtime: int, extra: int = 0, foreach_adam: bool = False) -> Memory:
     """A training step: float32 master weights, gradients and AdamW moments for `trained`
     parameters, sharded over `shards` processes (FSDP: plus two gathered blocks; 1 = DDP or
-    one process), `frozen_bytes` of weights that are only read, activations of one micro-batch."""
-    processes = shards
+    one process), `frozen_bytes` of weights that are only read, activations of one micro-batch.
+
+    Under bf16 autocast without sharding the forward's bf16 copies of the trained weights
+    live until the backward ends (2 bytes each). The optimizer step runs after the
+    activations are freed; foreach AdamW (the default on CUDA unless fused) then allocates
+    one float32 temporary per parameter (sqrt of the second moment): the larger of the
+    two is counted under activations.
+    """
     gathered = 2 * s.block_params * 4 if shards > 1 else 0
+    autocast_copies = trained * 2 if act_bytes == 2 and shards == 1 else 0
     tokens = micro_batch * seq
     per_block = tokens * (act_bytes * s.hidden if checkpointing else saved_per_token(s, act_bytes))
     # with checkpointing one block's full activations exist again during its recomputation
     blocks = s.layers * per_block + (tokens * saved_per_token(s, act_bytes) if checkpointing else 0)
     logits = tokens * s.vocab * (12 + (act_bytes if act_bytes != 4 else 0))
-    return Memory(weights=math.ceil(trained * 4 / processes) + gathered + frozen_bytes,
-                  gradients=math.ceil(trained * 4 / processes), optimizer=math.ceil(trained * 8 / processes),
-                  activations=blocks + logits + extra, runtime=runtime)
+    step_temporaries = math.ceil(trained * 4 / shards) if foreach_adam else 0
+    return Memory(weights=math.ceil(trained * 4 / shards) + gathered + autocast_copies + frozen_bytes,
+                  gradients=math.ceil(trained * 4 / shards), optimizer=math.ceil(trained * 8 / shards),
+                  activations=max(blocks + logits + extra, step_temporaries), runtime=runtime)
 
 
 def _lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
@@ -164,13 +173,15 @@ def _lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
     return s.layers * sum(r * sum(dims[t]) for t in targets if t in dims)
 
 
-def _fit_training(make, batch: int, device_bytes: int, max_processes: int) -> tuple[int, int]:
-    """(processes, micro-batch): the fewest processes, then the largest micro-batch <= batch, that fit."""
+def _fit_training(make, batch: int, device_bytes: int, max_processes: int) -> tuple[int, int, bool]:
+    """(processes, micro-batch, activation checkpointing): the fewest processes, then without
+    checkpointing if possible, then the largest micro-batch <= batch, that fit one device."""
     for n in (p for p in PROCESS_COUNTS if p <= max_processes):
-        for mb in range(batch, 0, -1):
-            if make(n, mb).total <= device_bytes:
-                return n, mb
-    return 0, 0
+        for checkpointing in (False, True):
+            for mb in range(batch, 0, -1):
+                if make(n, mb, checkpointing).total <= device_bytes:
+                    return n, mb, checkpointing
+    return 0, 0, False
 
 
 def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_bytes: int,
@@ -218,10 +229,11 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
     # prune: sheared trains weights, masks and multipliers (masks are tiny)
     sh = params.prune.sheared
     if params.prune.method == "sheared":
-        make = lambda n, mb: _train_memory(s, s.total, 0, mb, sh.seq_len, act, n, False, runtime)  # noqa: E731
-        n, mb = _fit_training(make, sh.batch_size, device_bytes, max_processes)
-        plans["prune"] = StagePlan("prune (sheared)", make(1, sh.batch_size), processes=n, micro_batch=mb,
-                                   checkpoint_bytes=s.total * 12)
+        make = lambda n, mb, ckpt: _train_memory(s, s.total, 0, mb, sh.seq_len, act, n, ckpt, runtime,  # noqa: E731
+                                                 foreach_adam=cuda)
+        n, mb, ckpt = _fit_training(make, sh.batch_size, device_bytes, max_processes)
+        plans["prune"] = StagePlan("prune (sheared)", make(1, sh.batch_size, False), processes=n, micro_batch=mb,
+                                   activation_checkpointing=ckpt, checkpoint_bytes=s.total * 12)
     else:  # depth / width: load, cut, save (safetensors serialises a copy of the kept weights)
         plans["prune"] = StagePlan(f"prune ({params.prune.method})",
                                    Memory(weights=2 * s.total * w, runtime=runtime))
@@ -233,20 +245,21 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         teacher_logits = rt.batch_size * rt.seq_len * s.vocab * 4 if rt.distill > 0 else 0
         if rt.method == "lora":
             adapters = _lora_params(s, rt.lora.r, rt.lora.target_modules)
-            make = lambda n, mb: _train_memory(  # noqa: E731
-                s, adapters, s.total * w + teacher, mb, rt.seq_len, act, n, False, runtime,
+            make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
+                s, adapters, s.total * w + teacher, mb, rt.seq_len, act, n, ckpt, runtime,
                 extra=teacher_logits * mb // rt.batch_size)
-            ckpt = adapters * 12
+            checkpoint = adapters * 12
         else:
-            make = lambda n, mb: _train_memory(  # noqa: E731
-                s, s.total, teacher, mb, rt.seq_len, act, n, False, runtime,
+            make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
+                s, s.total, teacher, mb, rt.seq_len, act, n, ckpt, runtime,
                 extra=teacher_logits * mb // rt.batch_size)
-            ckpt = s.total * 12
-        n, mb = _fit_training(make, rt.batch_size, device_bytes, max_processes)
+            checkpoint = s.total * 12
+        n, mb, ckpt = _fit_training(make, rt.batch_size, device_bytes, max_processes)
         # as configured: FSDP shards CPT on CUDA; DDP (LoRA, or on CPU) replicates
         shards = rt.num_processes if rt.method == "cpt" and cuda else 1
-        plans["retrain"] = StagePlan(f"retrain ({rt.method})", make(shards, rt.batch_size),
-                                     processes=n, micro_batch=mb, checkpoint_bytes=ckpt)
+        plans["retrain"] = StagePlan(f"retrain ({rt.method})", make(shards, rt.batch_size, False),
+                                     processes=n, micro_batch=mb, activation_checkpointing=ckpt,
+                                     checkpoint_bytes=checkpoint)
 
     # evaluate: perplexity at the longest length (lm head in chunks of positions)
     ev = params.evaluate
@@ -299,9 +312,11 @@ def what_to_change(stage: str, plan: StagePlan, params) -> str:
     section = "prune.sheared" if stage == "prune" else "retrain"
     if plan.processes == 0:
         return f"it does not fit at any process count up to {PROCESS_COUNTS[-1]} even at micro-batch 1"
+    ckpt = " with activation checkpointing" if plan.activation_checkpointing else ""
     if plan.processes > 1:
-        return f"run on {plan.processes} devices (FSDP, num_processes={plan.processes}) at micro-batch {plan.micro_batch}"
-    return f"set {section}.batch_size={plan.micro_batch} (and raise grad_accum to keep the global batch)"
+        return (f"run on {plan.processes} devices (FSDP, num_processes={plan.processes}) at micro-batch "
+                f"{plan.micro_batch}{ckpt}")
+    return f"set {section}.batch_size={plan.micro_batch}{ckpt} (and raise grad_accum to keep the global batch)"
 
 
 def check_stage(stage: str, params, model_dir: str | Path, device: torch.device) -> StagePlan:
@@ -357,7 +372,8 @@ def format_plan(plans: dict[str, StagePlan], device_bytes: int, title: str) -> s
     for p in plans.values():
         m = p.memory
         fit = "yes" if p.fits(device_bytes) else "no"
-        need = f"{p.processes} x {p.micro_batch}" if p.checkpoint_bytes else (
+        need = f"{p.processes} x {p.micro_batch}" + (" + act. ckpt" if p.activation_checkpointing else "") \
+            if p.checkpoint_bytes else (
             "layer by layer" if p.layerwise else "1")
         lines.append(f"| {p.stage} | {_gib(m.weights)} | {_gib(m.gradients)} | {_gib(m.optimizer)} | "
                      f"{_gib(m.activations)} | {_gib(m.calibration)} | {_gib(m.kv_cache)} | {_gib(m.runtime)} | "
