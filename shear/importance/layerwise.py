@@ -202,11 +202,12 @@ def layerwise_pass(source: CheckpointBlocks, calib: torch.Tensor, batch_size: in
             mags.append(block_magnitude(block))
         if activation:
             acts.append(_block_activation(source, block, torch.cat(h), batch_size))
-        nxt = [source.run_block(block, x) for x in h]
-        if states:
-            bi_cos.append(sum(cosine_sum(x, y) for x, y in zip(h, nxt)))
-            last.append([y[:, -1:] for y in nxt])
-        h = nxt
+        if ppl or states or activation:  # magnitude alone needs no forward pass
+            nxt = [source.run_block(block, x) for x in h]
+            if states:
+                bi_cos.append(sum(cosine_sum(x, y) for x, y in zip(h, nxt)))
+                last.append([y[:, -1:] for y in nxt])
+            h = nxt
         del block
     if ppl or activation:
         norm, head = source.head()
