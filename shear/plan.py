@@ -142,7 +142,8 @@ class StagePlan:
 
 
 def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: int, seq: int, act_bytes: int,
-                  shards: int, checkpointing: bool, runtime: int, extra: int = 0, foreach_adam: bool = False) -> Memory:
+                  shards: int, checkpointing: bool, runtime: int, extra: int = 0, foreach_adam: bool = False,
+                  logits_copies: int = 3) -> Memory:
     """A training step: float32 master weights, gradients and AdamW moments for `trained`
     parameters, sharded over `shards` processes (FSDP: plus two gathered blocks; 1 = DDP or
     one process), `frozen_bytes` of weights that are only read, activations of one micro-batch.
@@ -151,7 +152,9 @@ def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: i
     live until the backward ends (2 bytes each). The optimizer step runs after the
     activations are freed; foreach AdamW (the default on CUDA unless fused) then allocates
     one float32 temporary per parameter (sqrt of the second moment): the larger of the
-    two is counted under activations.
+    two is counted under activations. `logits_copies`: float32 [tokens, vocab] tensors alive
+    at the loss's backward (logits, log-probabilities, their gradient; a loss on a shifted
+    slice adds the slice's copy and its gradient).
     """
     gathered = 2 * s.block_params * 4 if shards > 1 else 0
     autocast_copies = trained * 2 if act_bytes == 2 and shards == 1 else 0
@@ -159,18 +162,30 @@ def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: i
     per_block = tokens * (act_bytes * s.hidden if checkpointing else saved_per_token(s, act_bytes))
     # with checkpointing one block's full activations exist again during its recomputation
     blocks = s.layers * per_block + (tokens * saved_per_token(s, act_bytes) if checkpointing else 0)
-    logits = tokens * s.vocab * (12 + (act_bytes if act_bytes != 4 else 0))
+    logits = tokens * s.vocab * (4 * logits_copies + (act_bytes if act_bytes != 4 else 0))
     step_temporaries = math.ceil(trained * 4 / shards) if foreach_adam else 0
     return Memory(weights=math.ceil(trained * 4 / shards) + gathered + autocast_copies + frozen_bytes,
                   gradients=math.ceil(trained * 4 / shards), optimizer=math.ceil(trained * 8 / shards),
                   activations=max(blocks + logits + extra, step_temporaries), runtime=runtime)
 
 
-def _lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
+def _linear_dims(s: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a block."""
     q, kv, d, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
-    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+
+def _lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
+    dims = _linear_dims(s)
     return s.layers * sum(r * sum(dims[t]) for t in targets if t in dims)
+
+
+def _lora_dropout_saved(s: ModelShape, targets: list[str], act_bytes: int) -> int:
+    """Bytes per token peft's LoRA dropout keeps for backward: each adapted layer's own dropped-out
+    copy of its input and the dropout mask (1 byte)."""
+    dims = _linear_dims(s)
+    return s.layers * (act_bytes + 1) * sum(dims[t][0] for t in targets if t in dims)
 
 
 def _fit_training(make, batch: int, device_bytes: int, max_processes: int) -> tuple[int, int, bool]:
@@ -245,14 +260,15 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         teacher_logits = rt.batch_size * rt.seq_len * s.vocab * 4 if rt.distill > 0 else 0
         if rt.method == "lora":
             adapters = _lora_params(s, rt.lora.r, rt.lora.target_modules)
+            dropout = _lora_dropout_saved(s, rt.lora.target_modules, act) if rt.lora.dropout > 0 else 0
             make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
                 s, adapters, s.total * w + teacher, mb, rt.seq_len, act, n, ckpt, runtime,
-                extra=teacher_logits * mb // rt.batch_size)
+                extra=teacher_logits * mb // rt.batch_size + mb * rt.seq_len * dropout, logits_copies=5)
             checkpoint = adapters * 12
         else:
             make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
                 s, s.total, teacher, mb, rt.seq_len, act, n, ckpt, runtime,
-                extra=teacher_logits * mb // rt.batch_size)
+                extra=teacher_logits * mb // rt.batch_size, logits_copies=5)
             checkpoint = s.total * 12
         n, mb, ckpt = _fit_training(make, rt.batch_size, device_bytes, max_processes)
         # as configured: FSDP shards CPT on CUDA; DDP (LoRA, or on CPU) replicates
