@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--child", choices=STAGES)
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the measurements of bench/results/memory_plan.json, recompute the estimates")
     args = parser.parse_args()
     offline()
     if args.child:
@@ -176,20 +178,26 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.base)
     plans = planned(params, config, device_type, 80 * 10**9)
     rows = []
+    previous = {r["stage"]: r for r in json.loads((RESULTS / "memory_plan.json").read_text())["measured"]} \
+        if args.reuse else {}
     for stage in args.stages:
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "bench.memory_plan", "--child", stage, "--base", args.base,
-                               "--params", args.params], capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{stage}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        measured = json.loads(line.removeprefix("RESULT "))
+        if stage in previous:
+            measured = {k: v for k, v in previous[stage].items()
+                        if k in ("stage", "peak_rss", "after_imports_rss", "device", "cuda_max_allocated", "wall_s")}
+        else:
+            proc = subprocess.run([sys.executable, "-m", "bench.memory_plan", "--child", stage, "--base", args.base,
+                                   "--params", args.params], capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{stage}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            measured = json.loads(line.removeprefix("RESULT "))
+            measured["wall_s"] = round(time.perf_counter() - started, 1)
         estimate = plans[stage].memory.total
         peak = measured.get("cuda_max_allocated", measured["peak_rss"])
         row = {**measured, "estimate": estimate, "ratio": estimate / peak,
-               "components": {k: v for k, v in vars(plans[stage].memory).items()},
-               "wall_s": round(time.perf_counter() - started, 1)}
+               "components": {k: v for k, v in vars(plans[stage].memory).items()}}
         rows.append(row)
         print(f"{stage}: estimate {estimate / GiB:.2f} GiB, measured {peak / GiB:.2f} GiB ({row['ratio']:.2f}x)",
               flush=True)
@@ -216,11 +224,13 @@ def write(rows: list[dict], big: dict, params, device_type: str) -> None:
     lines = ["# Memory plan: estimate vs measurement, and 7B / 8B / 70B plans", "",
              f"Machine: {info.get('gpu', info['cpu'])}; torch {info['torch']}, transformers {info['transformers']}.",
              "", f"## Default model (SmolLM2-135M), params.yaml settings: estimate vs {what}", "",
-             "| stage | estimate GiB | measured GiB | estimate / measured | RSS after imports GiB | wall s |",
-             "|---|---|---|---|---|---|"]
+             "| stage | estimate GiB | measured GiB | estimate / measured | estimate: weights + grads + optimizer + "
+             "activations + calibration + KV + runtime | RSS after imports GiB | wall s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = r.get("cuda_max_allocated", r["peak_rss"])
-        lines.append(f"| {r['stage']} | {r['estimate'] / GiB:.2f} | {peak / GiB:.2f} | {r['ratio']:.2f} | "
+        parts = " + ".join(f"{v / GiB:.2f}" for v in r["components"].values())
+        lines.append(f"| {r['stage']} | {r['estimate'] / GiB:.2f} | {peak / GiB:.2f} | {r['ratio']:.2f} | {parts} | "
                      f"{r['after_imports_rss'] / GiB:.2f} | {r['wall_s']} |")
     lines += ["", "score: the default criteria (ppl, ppl+, taylor, taylor+, magnitude, bi, angular, random; width "
               "activation, taylor, magnitude) at 10 x 128; prune: depth cut and save; prune_sheared / retrain: two "

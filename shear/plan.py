@@ -249,9 +249,10 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         n, mb, ckpt = _fit_training(make, sh.batch_size, device_bytes, max_processes)
         plans["prune"] = StagePlan("prune (sheared)", make(1, sh.batch_size, False), processes=n, micro_batch=mb,
                                    activation_checkpointing=ckpt, checkpoint_bytes=s.total * 12)
-    else:  # depth / width: load, cut, save (safetensors serialises a copy of the kept weights)
+    else:  # depth: load, drop blocks, save tensor by tensor; width: the sliced copy beside the original
+        copies = 2 if params.prune.method == "width" else 1
         plans["prune"] = StagePlan(f"prune ({params.prune.method})",
-                                   Memory(weights=2 * s.total * w, runtime=runtime))
+                                   Memory(weights=copies * s.total * w, runtime=runtime))
 
     # retrain (of the model whose config is given; a distillation teacher is counted at its size)
     rt = params.retrain
