@@ -126,7 +126,8 @@ def main() -> None:
     lines += ["", "Peak RSS includes the Python process itself (torch and transformers imported, ~0.5 GiB). "
               "Layer by layer the device holds one block (7.1 M parameters here) or the embedding matrix "
               "(28 M, read for the input and again as the tied LM head) plus every candidate's hidden states "
-              "(30 x 10 x 128 x 576 float32 = 84 MiB).", ""]
+              f"(30 x {args.sequences} x {args.seq_len} x 576 float32 = "
+              f"{30 * args.sequences * args.seq_len * 576 * 4 / 2**20:.0f} MiB).", ""]
     with atomic_file(RESULTS / "layerwise_score.md") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
