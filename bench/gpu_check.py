@@ -112,7 +112,7 @@ def part_sheared_steps(device, dtype, smoke, seq_len, steps) -> dict:
     """Sheared pruning steps 7B -> 1.3B at the plan's micro-batch; tokens/s and peak memory vs plan."""
     from shear.config import Params
     from shear.models import architecture
-    from shear.plan import GiB, RUNTIME_BYTES, plan_stages
+    from shear.plan import RUNTIME_BYTES, GiB, plan_stages
     from shear.prune.l0 import L0Masks
     from shear.prune.shapes import resolve_target
     from shear.prune.sheared import MaskHooks, make_optimizer, train_step
@@ -195,6 +195,23 @@ def part_decode(device, dtype, smoke, argv: list[str], out: Path) -> dict:
     return {"table": path.with_suffix(".md").read_text(), **json.loads(path.with_suffix(".json").read_text())}
 
 
+def key_figures(name: str, v: dict) -> str:
+    """One table cell summarising a part's result."""
+    if name == "ppl_scoring":
+        return (f"fast {v['seconds']['fast']} s, loop {v['seconds']['loop']} s, {v['speedup']['vs_loop']}x; "
+                f"same ranking {all(v['same_ranking'].values())}")
+    if name == "sheared_steps":
+        return (f"{v['tokens_per_s']} tok/s at {v['micro_batch']} x {v['seq_len']}; peak "
+                f"{v.get('peak_allocated_gib', '-')} GiB vs plan {v['plan_estimate_without_runtime_gib']} GiB "
+                "(+ runtime)")
+    if name == "cpt_step":
+        return (f"{v['tokens_per_s']} tok/s, {v['tflops']} TFLOP/s, MFU {v.get('mfu', '-')}, "
+                f"peak {v.get('peak_memory_gb', '-')} GB")
+    if name == "mask_overhead":
+        return f"{v['masked_ms']:.1f} ms vs {v['plain_ms']:.1f} ms: {v['ratio']:.3f}x"
+    return "table below"
+
+
 def write(out: Path, info: dict, results: dict, smoke: bool) -> None:
     """gpu_check.json and gpu_check.md, rewritten after every part."""
     write_json(out / "gpu_check.json", {"machine": info, "smoke": smoke, "parts": results})
@@ -206,18 +223,7 @@ def write(out: Path, info: dict, results: dict, smoke: bool) -> None:
         if r["status"] != "ok":
             lines.append(f"| {name} | {r['status']}: {r.get('error', '')} | {r['seconds']} | |")
             continue
-        v = r["result"]
-        key = {
-            "ppl_scoring": lambda: f"fast {v['seconds']['fast']} s, loop {v['seconds']['loop']} s, "
-                                   f"{v['speedup']['vs_loop']}x; same ranking {all(v['same_ranking'].values())}",
-            "sheared_steps": lambda: f"{v['tokens_per_s']} tok/s at {v['micro_batch']} x {v['seq_len']}; peak "
-                                     f"{v.get('peak_allocated_gib', '-')} GiB vs plan "
-                                     f"{v['plan_estimate_without_runtime_gib']} GiB (+ runtime)",
-            "cpt_step": lambda: f"{v['tokens_per_s']} tok/s, {v['tflops']} TFLOP/s, MFU {v.get('mfu', '-')}, "
-                                f"peak {v.get('peak_memory_gb', '-')} GB",
-            "mask_overhead": lambda: f"{v['masked_ms']:.1f} ms vs {v['plain_ms']:.1f} ms: {v['ratio']:.3f}x",
-            "decode": lambda: "table below",
-        }[name]()
+        key = key_figures(name, r["result"])
         lines.append(f"| {name} | ok | {r['seconds']} | {key} |")
     if results.get("decode", {}).get("status") == "ok":
         lines += ["", "## Decode (bench.decode_speed)", "", results["decode"]["result"]["table"]]

@@ -7,8 +7,12 @@ from pathlib import Path
 
 from shear.data import calibration_batch
 from shear.importance.blocks import plot_block_scores, removed_by, score_blocks
-from shear.importance.layerwise import (CheckpointBlocks, check_layerwise_criteria, layerwise_width_scores,
-                                        score_blocks_layerwise)
+from shear.importance.layerwise import (
+    CheckpointBlocks,
+    check_layerwise_criteria,
+    layerwise_width_scores,
+    score_blocks_layerwise,
+)
 from shear.importance.width import write_width_scores
 from shear.io import atomic_dir, write_json
 from shear.models import block_parameters, load_model, pick_device, resolve_dtype

@@ -4,8 +4,12 @@ import torch
 
 from shear.errors import ShearError
 from shear.importance.blocks import score_blocks
-from shear.importance.layerwise import CheckpointBlocks, check_layerwise_criteria, layerwise_width_scores, \
-    score_blocks_layerwise
+from shear.importance.layerwise import (
+    CheckpointBlocks,
+    check_layerwise_criteria,
+    layerwise_width_scores,
+    score_blocks_layerwise,
+)
 from shear.importance.width import activation_scores
 from shear.models import load_model, make_tiny_model, save_model
 

@@ -8,7 +8,7 @@ from shear import plan
 from shear.config import parse_params
 from shear.errors import ShearError
 from shear.models import count_parameters, make_tiny_model, save_model
-from shear.plan import GiB, RUNTIME_BYTES, check_fits, model_shape, plan_stages
+from shear.plan import RUNTIME_BYTES, GiB, check_fits, model_shape, plan_stages
 
 # layers=2, hidden=8, heads=2 (head_dim 4), kv_heads=1, mlp=16, vocab=320, untied
 SPEC = "layers=2,hidden=8,heads=2,kv_heads=1,mlp=16,vocab=320,tied=0"

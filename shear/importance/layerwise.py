@@ -30,8 +30,16 @@ from torch import nn
 from tqdm import tqdm
 
 from shear.errors import ShearError
-from shear.importance.blocks import (angular_distance_sum, angular_from_distances, block_magnitude, block_record,
-                                     cosine_sum, nll_sum, random_scores, sleb_greedy)
+from shear.importance.blocks import (
+    angular_distance_sum,
+    angular_from_distances,
+    block_magnitude,
+    block_record,
+    cosine_sum,
+    nll_sum,
+    random_scores,
+    sleb_greedy,
+)
 from shear.importance.width import _group_sum, activation_scores
 from shear.models import check_supported
 
@@ -70,7 +78,7 @@ class CheckpointBlocks:
 
             single = self.directory / "model.safetensors"
             with safe_open(str(single), framework="pt") as f:
-                self.files = {k: single for k in f.keys()}
+                self.files = dict.fromkeys(f.keys(), single)
         else:
             raise ShearError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
         with torch.device("meta"):
