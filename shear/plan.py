@@ -39,7 +39,9 @@ from shear.errors import ShearError
 from shear.speed import kv_cache_bytes
 
 GiB = 2**30
-RUNTIME_BYTES = {"cpu": int(0.55 * GiB), "cuda": 1 * GiB}
+# CPU: RSS of a stage process after importing torch, transformers and shear (0.37 GiB measured, see
+# bench/results/memory_plan.md) plus allocator slack; CUDA: context, cuBLAS/cuDNN workspaces
+RUNTIME_BYTES = {"cpu": int(0.4 * GiB), "cuda": 1 * GiB}
 LOGITS_CHUNK = 2048  # positions per lm_head call in shear.evaluate.perplexity
 PROCESS_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
