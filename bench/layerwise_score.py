@@ -123,7 +123,8 @@ def main() -> None:
                      f"| {m} | {r['peak_rss'] / 2**20:.0f} | - |")
     lines += ["", "| criterion | max relative difference | same ranking |", "|---|---|---|"]
     lines += [f"| {c} | {a['max_rel_diff']:.1e} | {a['same_ranking']} |" for c, a in agreement.items()]
-    lines += ["", "Peak RSS includes the Python process itself (torch and transformers imported: 0.37 GiB in bench/results/memory_plan.md) and the safetensors pages read through the memory map. "
+    lines += ["", "Peak RSS includes the Python process itself (torch and transformers imported: 0.37 GiB in "
+              "bench/results/memory_plan.md) and the safetensors pages read through the memory map. "
               "Layer by layer the device holds one block (7.1 M parameters here) or the embedding matrix "
               "(28 M, read for the input and again as the tied LM head) plus every candidate's hidden states "
               f"(30 x {args.sequences} x {args.seq_len} x 576 float32 = "
