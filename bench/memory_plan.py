@@ -244,7 +244,8 @@ def write(rows: list[dict], big: dict, params, device_type: str) -> None:
               "## Plans on 80 GB GPUs (bf16 weights, float32 master weights / gradients / AdamW when training; "
               "sheared pruning and CPT at the params.yaml batch and sequence length)", ""]
     for name, plans in big.items():
-        lines += [format_plan(plans, 80 * 10**9, f"### {name} GPU(s)"), ""]
+        gpus = int(name.rsplit("@", 1)[1])
+        lines += [format_plan(plans, 80 * 10**9, f"### {name} GPU(s)", max_processes=gpus), ""]
     with atomic_file(RESULTS / "memory_plan.md") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'memory_plan.md'}")

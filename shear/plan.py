@@ -135,6 +135,7 @@ class StagePlan:
     processes: int = 1
     micro_batch: int = 0          # training / scoring batch per device
     activation_checkpointing: bool = False  # needed to fit at that micro-batch
+    fitted_bytes: int = 0         # per device at processes x micro-batch (training stages)
     checkpoint_bytes: int = 0     # one training checkpoint on disk
     layerwise: bool = False       # scoring one block at a time
     notes: list[str] = field(default_factory=list)
@@ -222,7 +223,7 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
     whole = Memory(weights=s.total * w, calibration=(s.layers + 1) * tokens * s.hidden * w, activations=fwd,
                    runtime=runtime)
     taylor = [c for c in sc.block_criteria if c.startswith("taylor")] + \
-        [c for c in sc.width_criteria if c == "taylor"]
+        [f"width {c}" for c in sc.width_criteria if c == "taylor"]
     if taylor:  # gradients of every weight (width taylor) in the weights' dtype and a full backward
         grads = s.total * w if "taylor" in sc.width_criteria else s.layers * s.block_params * w
         backward = s.layers * tokens * saved_per_token(s, w) + tokens * s.vocab * 12
@@ -250,7 +251,8 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
                                                  foreach_adam=cuda)
         n, mb, ckpt = _fit_training(make, sh.batch_size, device_bytes, max_processes)
         plans["prune"] = StagePlan("prune (sheared)", make(1, sh.batch_size, False), processes=n, micro_batch=mb,
-                                   activation_checkpointing=ckpt, checkpoint_bytes=s.total * 12)
+                                   activation_checkpointing=ckpt, checkpoint_bytes=s.total * 12,
+                                   fitted_bytes=make(n, mb, ckpt).total if n else 0)
     else:  # depth: load, drop blocks, save tensor by tensor; width: the sliced copy beside the original
         copies = 2 if params.prune.method == "width" else 1
         plans["prune"] = StagePlan(f"prune ({params.prune.method})",
@@ -278,7 +280,7 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         shards = rt.num_processes if rt.method == "cpt" and cuda else 1
         plans["retrain"] = StagePlan(f"retrain ({rt.method})", make(shards, rt.batch_size, False),
                                      processes=n, micro_batch=mb, activation_checkpointing=ckpt,
-                                     checkpoint_bytes=checkpoint)
+                                     checkpoint_bytes=checkpoint, fitted_bytes=make(n, mb, ckpt).total if n else 0)
 
     # evaluate: perplexity at the longest length (lm head in chunks of positions)
     ev = params.evaluate
@@ -383,17 +385,21 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def format_plan(plans: dict[str, StagePlan], device_bytes: int, title: str) -> str:
-    """A markdown table of the plans (GiB per device) with what fits on `device_bytes`."""
-    lines = [f"{title}; device {device_bytes / GiB:.0f} GiB", "",
+def format_plan(plans: dict[str, StagePlan], device_bytes: int, title: str, max_processes: int = 128) -> str:
+    """A markdown table of the plans (GiB per device, one process at the configured batch) and what
+    it takes to fit on devices of `device_bytes`."""
+    lines = [f"{title}; device {device_bytes / 1e9:.0f} GB ({device_bytes / GiB:.1f} GiB)", "",
              "| stage | weights | grads | optimizer | activations | calib | KV | runtime | total | fits | "
-             "processes x micro-batch to fit | checkpoint |", "|---|" + "---|" * 11]
+             "to fit: processes x micro-batch (GiB per device) | checkpoint |", "|---|" + "---|" * 11]
     for p in plans.values():
         m = p.memory
         fit = "yes" if p.fits(device_bytes) else "no"
-        need = f"{p.processes} x {p.micro_batch}" + (" + act. ckpt" if p.activation_checkpointing else "") \
-            if p.checkpoint_bytes else (
-            "layer by layer" if p.layerwise else "1")
+        if p.checkpoint_bytes:  # training: sharded over processes
+            need = (f"{p.processes} x {p.micro_batch}" + (" + act. ckpt" if p.activation_checkpointing else "")
+                    + f" ({_gib(p.fitted_bytes)})") if p.processes else f"more than {max_processes} processes"
+        else:
+            need = ("layer by layer" if p.layerwise else "1") if p.fits(device_bytes) else \
+                "weights alone exceed one device (not supported)" if m.weights > device_bytes else "lower the batch"
         lines.append(f"| {p.stage} | {_gib(m.weights)} | {_gib(m.gradients)} | {_gib(m.optimizer)} | "
                      f"{_gib(m.activations)} | {_gib(m.calibration)} | {_gib(m.kv_cache)} | {_gib(m.runtime)} | "
                      f"**{_gib(m.total)}** | {fit} | {need} | "
