@@ -187,7 +187,7 @@ def part_mask_overhead(device, dtype, smoke, batch, seq_len, repeats, warmup) ->
 
 
 def part_decode(device, dtype, smoke, argv: list[str], out: Path) -> dict:
-    """bench.decode_speed's table (written beside gpu_check.md as decode_speed_<device>.md)."""
+X
     from bench.decode_speed import main as decode_main
 
     path = out / f"gpu_check_decode_{device.type}"

@@ -404,8 +404,8 @@ def format_plan(plans: dict[str, StagePlan], device_bytes: int, title: str, max_
                      f"{_gib(m.activations)} | {_gib(m.calibration)} | {_gib(m.kv_cache)} | {_gib(m.runtime)} | "
                      f"**{_gib(m.total)}** | {fit} | {need} | "
                      f"{_gib(p.checkpoint_bytes) + ' GiB' if p.checkpoint_bytes else '-'} |")
-        lines += [f"  - {note}" for note in p.notes]
-    return "\n".join(lines)
+    notes = [f"- {p.stage}: {note}" for p in plans.values() for note in p.notes]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv: list[str] | None = None) -> None:
