@@ -62,8 +62,9 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def masked_step(model, objective: ShearedObjective, optimizer, batch: torch.Tensor) -> None:
-    """One step of the shared training loop with the sheared objective (one process, one micro-batch)."""
+def masked_step(model, objective: ShearedObjective, optimizer, batch: torch.Tensor) -> float:
+    """One step of the shared training loop with the sheared objective (one process, one micro-batch);
+    returns the loss."""
     objective.begin_step(1)
     with autocast(batch.device):
         loss, _ = objective.loss(model, batch, 1)
@@ -71,6 +72,7 @@ def masked_step(model, objective: ShearedObjective, optimizer, batch: torch.Tens
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def plain_step(model, optimizer, batch: torch.Tensor) -> None:

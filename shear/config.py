@@ -116,6 +116,8 @@ class ScoreParams:
     batch_size: int = field(default=10, metadata=_range(1))
     keep_first: int = field(default=4, metadata=_range(0))
     keep_last: int = field(default=2, metadata=_range(0))
+    # one block at a time from the safetensors files: auto = when the plan says the model does not fit
+    layerwise: Literal["auto", True, False] = "auto"
 
 
 @dataclass

@@ -55,6 +55,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The dtype models load in: `auto` is bfloat16 on CUDA and float32 on CPU.
+
+    This is the dtype of weights that are only read (scoring, evaluation, a distillation
+    teacher, LoRA's frozen base). Training keeps in float32 what the optimizer updates,
+    whatever this says: the trained weights themselves (bf16 has 8 mantissa bits, so an
+    update lr * m / sqrt(v) below 2^-8 of a weight is rounded away and training stalls),
+    their gradients (accumulated over micro-batches and clipped by a global norm), AdamW's
+    two moments (v holds squared gradients, far below bf16's useful range relative to
+    the weights), the hard-concrete log-alphas and the Lagrange multipliers; the forward
+    and backward run under bf16 autocast on CUDA. Losses and perplexity are computed
+    from float32 log-softmax in every case.
+    """
+    device = torch.device(device)
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ShearError(f"params.yaml: run.dtype={name!r} is not valid; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 
@@ -328,7 +352,8 @@ def load_source(source: str, seed: int = 0):
 
 
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a checkpoint a stage wrote: (model in eval mode, tokenizer, shear.json record)."""
+    """Load a checkpoint a stage wrote in `dtype` (see `resolve_dtype`) on `device`:
+    (model in eval mode, tokenizer, shear.json record)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -339,8 +364,11 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device
     except (ValueError, OSError) as e:
         raise ShearError(f"{directory}/config.json: corrupt ({str(e).splitlines()[0]})") from None
     check_supported(config, str(directory))
+    device = torch.device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+        # On CUDA the weights go straight from the files to the device (no full host copy).
+        placement = {"device_map": {"": device}} if device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (ValueError, OSError, RuntimeError) as e:
         raise ShearError(f"{directory}: cannot load the model ({str(e).splitlines()[0]})") from None

@@ -13,8 +13,9 @@ import transformers
 from shear.data import load_domains
 from shear.evaluate import domain_perplexity, non_numeric_keys, retention, run_tasks, tokenizer_adds_bos
 from shear.io import read_json, write_json
-from shear.models import count_parameters, load_model, pick_device
+from shear.models import count_parameters, load_model, pick_device, resolve_dtype
 from shear.paths import BASE_METRICS, BASE_MODEL, HELDOUT, MODEL_NAMES, SHARDS, metrics_file, model_dir
+from shear.plan import check_stage
 from shear.speed import measure_speed, speedup
 
 
@@ -27,8 +28,10 @@ def speed_of(model, device, sp) -> dict:
 def main(params, args):
     ev, name = params.evaluate, args.model
     device = pick_device(params.run.device)
+    check_stage("evaluate", params, model_dir(name), device)
     started = time.perf_counter()
-    model, tokenizer, _ = load_model(model_dir(name), device=device)
+    dtype = resolve_dtype(params.run.dtype, device)
+    model, tokenizer, _ = load_model(model_dir(name), dtype=dtype, device=device)
     eval_splits = load_domains(SHARDS, "eval", tokenizer)  # refuses shards of another tokenizer
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
 
@@ -44,7 +47,7 @@ def main(params, args):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        base_model, _, _ = load_model(BASE_MODEL, device=device)
+        base_model, _, _ = load_model(BASE_MODEL, dtype=dtype, device=device)
         metrics["speedup"] = speedup(metrics["speed"], speed_of(base_model, device, ev.speed))
     metrics["info"] = {
         "model": name,

@@ -20,8 +20,9 @@ from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
 from shear.io import model_digest, recover_dir, run_hash
 from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_losses
-from shear.models import architecture, count_parameters, layout, load_model, save_model
+from shear.models import architecture, count_parameters, layout, load_model, pick_device, save_model
 from shear.paths import BASE_METRICS, BASE_MODEL, PRUNE_CHECKPOINTS, PRUNE_LOGS, PRUNED_MODEL, SHARDS
+from shear.plan import check_stage
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
@@ -34,6 +35,7 @@ def main(params, args):
     prune, sheared, mixture, seed = params.prune, params.prune.sheared, params.mixture, params.run.seed
     started = time.perf_counter()
     recover_dir(PRUNED_MODEL)  # a run killed while replacing the output left it aside: put it back
+    check_stage("prune", params, BASE_MODEL, pick_device(params.run.device))
     if sheared.num_processes > 1 and not launched():
         # The checks that need no model, before paying for N processes.
         plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,

@@ -38,10 +38,10 @@ from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weigh
 from shear.models import load_model, pick_device, save_model
 from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
                          SHARDS)
+from shear.plan import check_stage
 from shear.train import apply_lora, load_teacher, require_teacher, train
 from shear.trainer import (check_seq_len, check_train_tokens, launched, make_accelerator, open_live, plan_run,
                            read_checkpoint, relaunch)
-
 
 
 def copy_pruned(params) -> None:
@@ -66,6 +66,7 @@ def main(params, args):
     if retrain.method == "none":
         copy_pruned(params)
         return
+    check_stage("retrain", params, PRUNED_MODEL, pick_device(params.run.device))
     if retrain.num_processes > 1 and not launched():
         # The checks that need no model, before paying for N processes.
         plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,

@@ -61,3 +61,18 @@ def test_gguf_to_safetensors_gives_same_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert loaded.config.num_hidden_layers == 30 and loaded.config.num_key_value_heads == 3
+
+
+def test_resolve_dtype_and_load_in_it(tmp_path):
+    from shear.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype("float32", "cuda") == torch.float32
+    with pytest.raises(ShearError, match="run.dtype='float16' is not valid"):
+        resolve_dtype("float16", "cpu")
+    model, tok = make_tiny_model()
+    save_model(model, tok, tmp_path / "m", {"source": "tiny"})
+    loaded, _, _ = load_model(tmp_path / "m", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))

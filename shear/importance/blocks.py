@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -125,14 +126,21 @@ def sleb_scores(model, calib: torch.Tensor, batch_size: int, n: int,
     last removed block's). `first` may pass the unpruned model's `ppl_scores`, which are
     the first step's. Returns (scores, removal order).
     """
-    remaining, order = list(range(model.config.num_hidden_layers)), []
-    scores = [0.0] * len(remaining)
+    def step_scores(removed: list[int]) -> list[float]:
+        with blocks_removed(model, removed):
+            return ppl_scores(model, calib, batch_size)
+
+    return sleb_greedy(model.config.num_hidden_layers, n, step_scores, first)
+
+
+def sleb_greedy(num_layers: int, n: int, step_scores: Callable[[list[int]], list[float]],
+                first: list[float] | None = None) -> tuple[list[float], list[int]]:
+    """SLEB's greedy loop: `step_scores(removed)` gives the perplexity without each remaining block
+    of the model with `removed` already gone; returns (scores, removal order) as `sleb_scores`."""
+    remaining, order = list(range(num_layers)), []
+    scores = [0.0] * num_layers
     for k in tqdm(range(n), desc="sleb", unit="step"):
-        if k == 0 and first is not None:
-            step = first
-        else:
-            with blocks_removed(model, order):
-                step = ppl_scores(model, calib, batch_size)
+        step = first if k == 0 and first is not None else step_scores(list(order))
         for b, s in zip(remaining, step):
             scores[b] = s
         best = min(range(len(remaining)), key=lambda k: (step[k], k))
@@ -171,7 +179,12 @@ def taylor_scores(model, calib: torch.Tensor, batch_size: int) -> list[float]:
 @torch.no_grad()
 def magnitude_scores(model) -> list[float]:
     """Sum of |W| over every parameter of each block (Shortened LLaMA's magnitude baseline)."""
-    return [sum(p.float().abs().sum().item() for p in layer.parameters()) for layer in model.model.layers]
+    return [block_magnitude(layer) for layer in model.model.layers]
+
+
+def block_magnitude(layer) -> float:
+    """Sum of |W| over every parameter of one block."""
+    return sum(p.float().abs().sum().item() for p in layer.parameters())
 
 
 @torch.no_grad()
@@ -182,10 +195,28 @@ def bi_scores(model, calib: torch.Tensor, batch_size: int) -> list[float]:
     for ids in _batches(calib, batch_size, _device(model)):
         states = block_states(model, ids)
         for i in range(L):
-            cos = F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)
-            cos_sum[i] += cos.sum().item()
+            cos_sum[i] += cosine_sum(states[i], states[i + 1])
         count += ids.numel()
     return (1 - cos_sum / count).tolist()
+
+
+def cosine_sum(block_in: torch.Tensor, block_out: torch.Tensor) -> float:
+    """Sum over tokens of cos(block input, block output), in float32 (block influence's statistic)."""
+    return F.cosine_similarity(block_in.float(), block_out.float(), dim=-1).sum().item()
+
+
+def angular_distance_sum(first: torch.Tensor, last: torch.Tensor) -> float:
+    """Sum over sequences of arccos(cos(x_l, x_{l+n})) / pi at each sequence's last token."""
+    cos = F.cosine_similarity(first[:, -1].float(), last[:, -1].float(), dim=-1)
+    return (torch.arccos(cos.clamp(-1, 1)) / math.pi).sum().item()
+
+
+def angular_from_distances(dist: list[float], num_layers: int, n: int) -> tuple[list[float], list[int]]:
+    """Per-block scores (the smallest mean distance of a span containing the block) and the best span."""
+    L = num_layers
+    scores = [min(dist[s] for s in range(max(0, b - n + 1), min(b, L - n) + 1)) for b in range(L)]
+    best = min(range(L - n + 1), key=lambda s: (dist[s], s))
+    return scores, list(range(best, best + n))
 
 
 @torch.no_grad()
@@ -202,13 +233,9 @@ def angular_scores(model, calib: torch.Tensor, batch_size: int, n: int) -> tuple
     for ids in _batches(calib, batch_size, _device(model)):
         states = block_states(model, ids)
         for start in range(L - n + 1):
-            cos = F.cosine_similarity(states[start][:, -1].float(), states[start + n][:, -1].float(), dim=-1)
-            dist[start] += (torch.arccos(cos.clamp(-1, 1)) / math.pi).sum().item()
+            dist[start] += angular_distance_sum(states[start], states[start + n])
         count += ids.shape[0]
-    dist = (dist / count).tolist()
-    scores = [min(dist[s] for s in range(max(0, b - n + 1), min(b, L - n) + 1)) for b in range(L)]
-    best = min(range(L - n + 1), key=lambda s: (dist[s], s))
-    return scores, list(range(best, best + n))
+    return angular_from_distances((dist / count).tolist(), L, n)
 
 
 def random_scores(num_layers: int, seed: int) -> list[float]:
@@ -259,18 +286,22 @@ def score_blocks(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
     Arguments as `block_scores`; the record adds the unpruned perplexity (ppl and sleb, for
     the plot), the blocks `keep_first`/`keep_last` protect and the calibration size.
     """
-    L = model.config.num_hidden_layers
-    base = criterion.rstrip("+")
     memo = {} if memo is None else memo
     scores, extras = block_scores(model, calib, criterion, n=n, batch_size=batch_size, seed=seed, memo=memo)
+    if criterion.rstrip("+") in ("ppl", "sleb") and "unpruned_ppl" not in memo:
+        memo["unpruned_ppl"] = unpruned_ppl(model, calib, batch_size)
+    return block_record(criterion, scores, extras, memo, calib, n=n, keep_first=keep_first, keep_last=keep_last)
+
+
+def block_record(criterion: str, scores: list[float], extras: dict, memo: dict, calib: torch.Tensor, *,
+                 n: int, keep_first: int, keep_last: int) -> dict:
+    """The scores record of one criterion (whole-model or layer-by-layer scoring alike)."""
     record = {"criterion": criterion, **extras}
-    if base in ("ppl", "sleb"):
-        if "unpruned_ppl" not in memo:
-            memo["unpruned_ppl"] = unpruned_ppl(model, calib, batch_size)
+    if criterion.rstrip("+") in ("ppl", "sleb"):
         record["unpruned_ppl"] = memo["unpruned_ppl"]
     record.update({
         "scores": [float(s) for s in scores],
-        "protected": protected_blocks(criterion, L, keep_first, keep_last),
+        "protected": protected_blocks(criterion, len(scores), keep_first, keep_last),
         "num_blocks": n,
         "calibration": {"sequences": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
     })

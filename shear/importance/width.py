@@ -197,9 +197,11 @@ def _rounded(t: torch.Tensor):
     return [_rounded(x) for x in t]
 
 
-def write_width_scores(model, calib: torch.Tensor, criterion: str, out_dir: Path, batch_size: int) -> Path:
-    """Score `model` and write `<out_dir>/width_<criterion>.json` and a heatmap `width_<criterion>.png`."""
-    scores = width_scores(model, calib, criterion, batch_size)
+def write_width_scores(model, calib: torch.Tensor, criterion: str, out_dir: Path, batch_size: int,
+                       scores: dict[str, torch.Tensor] | None = None) -> Path:
+    """Score `model` (unless `scores` come computed, e.g. layer by layer) and write
+    `<out_dir>/width_<criterion>.json` and a heatmap `width_<criterion>.png`."""
+    scores = width_scores(model, calib, criterion, batch_size) if scores is None else scores
     out_dir = Path(out_dir)
     path = out_dir / f"width_{criterion}.json"
     write_json(path, {

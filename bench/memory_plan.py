@@ -1,0 +1,257 @@
+"""Memory plan against measurement, and the plans of 7B/8B/70B models on 80 GB GPUs.
+
+Each stage's library work runs on the default model (SmolLM2-135M) in its own subprocess,
+with the settings of params.yaml and a small budget (two optimizer steps for training,
+the real calibration size for scoring, one perplexity batch at the longest length for
+evaluation): its peak RSS (resource.getrusage, and CUDA max_memory_allocated when a GPU is
+used) is compared with shear.plan's estimate for the same settings. Then the plans of
+LLaMA-2-7B, Llama-3.1-8B and Llama-3.1-70B (configs written here as dicts, meta device)
+at 1, 8 and 16 GPUs of 80 GB. Writes bench/results/memory_plan.{json,md}.
+
+    python -m bench.memory_plan --base /tmp/base      # a saved default model (the base stage's output)
+    python -m bench.memory_plan --child score --base /tmp/base   # one measurement (used by the parent)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shear.config import load_params
+from shear.io import atomic_file, write_json
+from shear.models import load_model, offline, resolve_dtype
+from shear.plan import GiB, StagePlan, format_plan, plan_stages
+from shear.speed import machine_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = ("score", "prune", "prune_sheared", "retrain_lora", "retrain_cpt", "evaluate", "speed")
+# ppl's fast path is the slowest criterion and not the peak (taylor's backward is): left out of the
+# measurement, and out of the estimate it is compared with
+SCORE_BLOCK_CRITERIA = ["taylor", "taylor+", "magnitude", "bi", "angular", "random"]
+
+LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, hidden_act="silu")
+BIG_MODELS = {
+    "LLaMA-2-7B": dict(LLAMA, vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       tie_word_embeddings=False),
+    "Llama-3.1-8B": dict(LLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=False),
+    "Llama-3.1-70B": dict(LLAMA, vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
+}
+
+
+def rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(stage: str, base: str, params_path: str) -> dict:
+    """Run one stage's library work on the default model; return its peak memory."""
+    params = load_params(params_path)
+    params.score.block_criteria = SCORE_BLOCK_CRITERIA
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(params.run.dtype, device)
+    after_imports = rss_bytes()
+    g = torch.Generator().manual_seed(0)
+    if stage in ("score", "evaluate", "speed", "prune"):
+        model, tokenizer, record = load_model(base, dtype=dtype, device=device)
+        vocab = model.config.vocab_size
+        if stage == "score":
+            from shear.importance.blocks import score_blocks
+            from shear.importance.width import width_scores
+
+            sc = params.score
+            calib = torch.randint(0, vocab, (sc.calib_sequences, sc.calib_seq_len), generator=g)
+            memo = {}
+            for c in sc.block_criteria:
+                score_blocks(model, calib, c, n=6, batch_size=sc.batch_size, memo=memo)
+            for c in sc.width_criteria:
+                width_scores(model, calib, c, sc.batch_size)
+        elif stage == "evaluate":
+            from shear.evaluate import perplexity
+
+            ev = params.evaluate
+            rows = torch.randint(0, vocab, (ev.batch_size, max(ev.ppl_seq_lens)), generator=g)
+            perplexity(model, rows, ev.batch_size)
+        elif stage == "speed":
+            from shear.speed import measure_speed
+
+            sp = params.evaluate.speed
+            measure_speed(model, device, sp.batch_sizes, sp.prompt_len, sp.new_tokens, 1, paths=["eager"])
+        else:  # depth pruning: cut and save
+            import tempfile
+
+            from shear.models import save_model
+            from shear.prune.depth import remove_blocks
+
+            remove_blocks(model, list(range(6)))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_model(model, tokenizer, Path(tmp) / "pruned", record)
+    else:
+        model, _, _ = load_model(base, device=device)  # training: float32 master weights
+        train_step(stage, model, params, device, g)
+    out = {"stage": stage, "peak_rss": rss_bytes(), "after_imports_rss": after_imports, "device": device.type}
+    if device.type == "cuda":
+        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def train_step(stage: str, model, params, device, g) -> None:
+    """Two optimizer steps of the stage's own step function at its configured batch."""
+    if stage == "prune_sheared":
+        from shear.models import architecture, count_parameters
+        from shear.prune.l0 import L0Masks
+        from shear.prune.shapes import resolve_target
+        from bench.sheared_speed import masked_step
+        from shear.prune.sheared import MaskHooks, ShearedObjective, make_optimizer
+
+        sh = params.prune.sheared
+        target = resolve_target(model.config, {"params": count_parameters(model)["non_embedding"] // 2}, 64)
+        masks = L0Masks(architecture(model.config), target).to(device)
+        hooks = MaskHooks(model, masks)
+        optimizer = make_optimizer(model, masks, sh.lr_model, sh.lr_mask, sh.lr_lambda)
+        objective = ShearedObjective(masks, hooks, None, lagrangian_warmup_steps=2, source_params=1.0, seed=0)
+        model.train()
+        for _ in range(2):
+            batch = torch.randint(0, model.config.vocab_size, (sh.batch_size, sh.seq_len), generator=g).to(device)
+            masked_step(model, objective, optimizer, batch)
+        return
+    from shear.distill import retrain_loss
+    from shear.train import apply_lora
+    from shear.trainer import decay_groups, make_optimizer
+
+    rt = params.retrain
+    if stage == "retrain_lora":
+        model = apply_lora(model, rt.lora.r, rt.lora.alpha, rt.lora.dropout, rt.lora.target_modules)
+    optimizer = make_optimizer(decay_groups(model.parameters(), rt.lr, rt.weight_decay), rt.betas, fused=None)
+    model.train()
+    for _ in range(2):
+        ids = torch.randint(0, model.config.vocab_size, (rt.batch_size, rt.seq_len), generator=g).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids, use_cache=False).logits
+        loss, _ = retrain_loss(logits, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def planned(params, config, device_type: str, device_bytes: int) -> dict[str, StagePlan]:
+    """The plan of every measured stage (the retrain and prune methods set as measured)."""
+    dtype = resolve_dtype(params.run.dtype, torch.device(device_type))
+    plans = {}
+    for stage in STAGES:
+        p = copy.deepcopy(params)
+        if stage == "prune_sheared":
+            p.prune.method = "sheared"
+        elif stage == "prune":
+            p.prune.method = "depth"
+        elif stage.startswith("retrain_"):
+            p.retrain.method = stage.removeprefix("retrain_")
+        key = stage.split("_")[0]
+        plans[stage] = plan_stages(p, config, dtype, device_type, device_bytes)[key]
+    return plans
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="a saved default model directory (config.json, safetensors)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--child", choices=STAGES)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the measurements of bench/results/memory_plan.json, recompute the estimates")
+    args = parser.parse_args()
+    offline()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.base, args.params)))
+        return
+
+    from transformers import AutoConfig, LlamaConfig
+
+    params = load_params(args.params)
+    params.score.block_criteria = SCORE_BLOCK_CRITERIA
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    config = AutoConfig.from_pretrained(args.base)
+    plans = planned(params, config, device_type, 80 * 10**9)
+    big = {}
+    for name, cfg in BIG_MODELS.items():
+        config_big = LlamaConfig(**cfg)
+        for gpus in (1, 8, 16):
+            p = copy.deepcopy(params)
+            p.prune.method, p.retrain.method, p.retrain.num_processes = "sheared", "cpt", gpus
+            big[f"{name} @ {gpus}"] = plan_stages(p, config_big, torch.bfloat16, "cuda", 80 * 10**9,
+                                                  max_processes=gpus)
+    rows = []
+    previous = {r["stage"]: r for r in json.loads((RESULTS / "memory_plan.json").read_text())["measured"]} \
+        if args.reuse else {}
+    for stage in args.stages:
+        started = time.perf_counter()
+        if stage in previous:
+            measured = {k: v for k, v in previous[stage].items()
+                        if k in ("stage", "peak_rss", "after_imports_rss", "device", "cuda_max_allocated", "wall_s")}
+        else:
+            proc = subprocess.run([sys.executable, "-m", "bench.memory_plan", "--child", stage, "--base", args.base,
+                                   "--params", args.params], capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{stage}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            measured = json.loads(line.removeprefix("RESULT "))
+            measured["wall_s"] = round(time.perf_counter() - started, 1)
+        estimate = plans[stage].memory.total
+        peak = measured.get("cuda_max_allocated", measured["peak_rss"])
+        row = {**measured, "estimate": estimate, "ratio": estimate / peak,
+               "components": {k: v for k, v in vars(plans[stage].memory).items()}}
+        rows.append(row)
+        print(f"{stage}: estimate {estimate / GiB:.2f} GiB, measured {peak / GiB:.2f} GiB ({row['ratio']:.2f}x)",
+              flush=True)
+        write(rows, big, params, device_type)  # after every stage: a stopped run keeps what it measured
+    write(rows, big, params, device_type)
+
+
+def write(rows: list[dict], big: dict, params, device_type: str) -> None:
+    """bench/results/memory_plan.{json,md}."""
+    info = machine_info(device_type)
+    write_json(RESULTS / "memory_plan.json", {
+        "machine": info, "measured": rows,
+        "plans": {k: {s: {"memory": vars(p.memory), "total": p.memory.total, "processes": p.processes,
+                          "micro_batch": p.micro_batch, "checkpoint_bytes": p.checkpoint_bytes,
+                          "layerwise": p.layerwise} for s, p in v.items()} for k, v in big.items()}})
+    what = "CUDA max_memory_allocated" if device_type == "cuda" else "peak RSS (getrusage)"
+    lines = ["# Memory plan: estimate vs measurement, and 7B / 8B / 70B plans", "",
+             f"Machine: {info.get('gpu', info['cpu'])}; torch {info['torch']}, transformers {info['transformers']}.",
+             "", f"## Default model (SmolLM2-135M), params.yaml settings: estimate vs {what}", "",
+             "| stage | estimate GiB | measured GiB | estimate / measured | estimate: weights + grads + optimizer + "
+             "activations + calibration + KV + runtime | RSS after imports GiB | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = r.get("cuda_max_allocated", r["peak_rss"])
+        parts = " + ".join(f"{v / GiB:.2f}" for v in r["components"].values())
+        lines.append(f"| {r['stage']} | {r['estimate'] / GiB:.2f} | {peak / GiB:.2f} | {r['ratio']:.2f} | {parts} | "
+                     f"{r['after_imports_rss'] / GiB:.2f} | {r['wall_s']} |")
+    lines += ["", f"score: block criteria {', '.join(SCORE_BLOCK_CRITERIA)} (ppl's fast path is slow here and "
+              "its peak is below taylor's backward) and width activation, taylor, magnitude at 10 x 128; prune: depth cut and save; prune_sheared / retrain: two "
+              "optimizer steps of the stage's step function at the configured batch; evaluate: one perplexity "
+              "batch at the longest length; speed: eager decode at the largest batch.", "",
+              "## Plans on 80 GB GPUs (bf16 weights, float32 master weights / gradients / AdamW when training; "
+              "sheared pruning and CPT at the params.yaml batch and sequence length)", ""]
+    for name, plans in big.items():
+        gpus = int(name.rsplit("@", 1)[1])
+        lines += [format_plan(plans, 80 * 10**9, f"### {name} GPU(s)", max_processes=gpus), ""]
+    with atomic_file(RESULTS / "memory_plan.md") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'memory_plan.md'}")
+
+
+if __name__ == "__main__":
+    main()
