@@ -1,20 +1,28 @@
-"""Stage `report`: table and figures comparing base, pruned and retrained -> reports/report.md, reports/figures/."""
+"""Stage `report`: table and figures comparing base, pruned and retrained -> reports/report.md, reports/figures/.
+
+Quality from reports/eval/<model>/metrics.json, every speed figure from reports/speed.json
+(one run), how each model was made from data/models/<model>/shear.json.
+"""
 from pathlib import Path
 
 from shear.io import read_json
+from shear.records import MODEL_NAMES, EvalMetrics, ModelRecord, SpeedRecord
 from shear.report import write_report
 
-NAMES = ("base", "pruned", "retrained")
-EVAL, MODELS = Path("reports/eval"), Path("data/models")
+EVAL, MODELS, SPEED = Path("reports/eval"), Path("data/models"), Path("reports/speed.json")
 REPORT, FIGURES = "reports/report.md", "reports/figures"
 
 
 def main(params, args):
-    metrics = {name: read_json(EVAL / name / "metrics.json") for name in NAMES}
+    metrics = {}
+    for name in MODEL_NAMES:
+        path = EVAL / name / "metrics.json"
+        metrics[name] = EvalMetrics.from_dict(read_json(path), str(path)).to_dict()  # checked, then as a dict
+    speed = SpeedRecord.from_dict(read_json(SPEED), str(SPEED))
     # shear.json says how each model was made and its shape (a missing one leaves "—" cells)
-    records = {name: read_json(MODELS / name / "shear.json") for name in NAMES
-               if (MODELS / name / "shear.json").is_file()}
-    text = write_report(metrics, REPORT, FIGURES, records)
+    records = {name: ModelRecord.from_dict(read_json(path), str(path)) for name in MODEL_NAMES
+               if (path := MODELS / name / "shear.json").is_file()}
+    text = write_report(metrics, REPORT, FIGURES, records, speed)
     table = text[text.index("| "):text.index("## How")]
     print(table, end="")
     print(f"report: wrote {REPORT} and {FIGURES}/")
