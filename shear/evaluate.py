@@ -211,12 +211,12 @@ def leaves(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def non_numeric_keys(metrics: dict, strings_allowed: tuple[str, ...] = ("info", "speed")) -> list[str]:
+def non_numeric_keys(metrics: dict, strings_allowed: tuple[str, ...] = ("info",)) -> list[str]:
     """Dotted keys whose values `dvc metrics diff` cannot compare as numbers.
 
     None and lists are dropped by DVC and NaN is not JSON. Strings are shown but not
     diffed, so they are allowed only under the top-level sections `strings_allowed`
-    (labels such as the device name, or the decode path shear.speed chose).
+    (labels such as the device name, or in reports/speed.json the decode path chosen).
     """
     bad = []
     for key, value in leaves(metrics):
