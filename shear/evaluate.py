@@ -9,8 +9,8 @@ Perplexity protocol (written into every metrics file as `ppl_protocol`):
   prepended. BOS is prepended only when the model's tokenizer adds one itself, i.e. when the
   model saw one at the start of its training text. SmolLM2's tokenizer adds none, and the
   shards hold none (documents are separated by EOS), so the default is no BOS;
-- float32 weights (the stage loads the model so) and a float32 log-softmax, also on CUDA:
-  no bf16 autocast, so the figures do not depend on the device's precision;
+- a float32 log-softmax and float64 sums whatever the weights' dtype (shear.nll, recorded as
+  `info.dtype`), no autocast, so the figures do not depend on the device's precision;
 - `ppl.<len>.<domain>` = exp(loss), `loss.<len>.mean` = the mean over domains (each
   domain counts once), `ppl.<len>.mean` = exp(loss.<len>.mean).
 """
@@ -29,9 +29,7 @@ from tqdm import tqdm
 from shear.data import rechunk
 from shear.errors import ShearError
 from shear.lmeval_tasks import BUILTIN_TASKS, write_tasks
-
-LOGITS_CHUNK = 2048  # positions per lm_head call: bounds the [tokens, vocab] logits in memory
-
+from shear.nll import sequence_nll
 
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS token in front of a text by itself."""
@@ -41,38 +39,22 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-@torch.no_grad()
 def perplexity(model, rows: torch.Tensor, batch_size: int, bos_token_id: int | None = None,
                desc: str = "perplexity") -> dict:
     """Mean next-token NLL over `rows` [N, L] of token ids: {"loss", "ppl", "tokens"}.
 
-    Each row is one independent sequence; with `bos_token_id` it is prepended to every row
-    and the first token is scored too. The model has LLaMA's layout (`model.model` = the
-    decoder, then the output embedding); the lm_head runs in chunks of positions so the
-    [tokens, vocab] logits never exist all at once.
+    Each row is one independent sequence (shear.nll.sequence_nll); with `bos_token_id` it
+    is prepended to every row and the first token is scored too.
     """
     was_training = model.training
     model.eval()
-    device = model.get_input_embeddings().weight.device
-    head = model.get_output_embeddings()
-    total_nll = torch.zeros((), dtype=torch.float64)
-    total_tokens = 0
+    total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
-        batch = rows[start:start + batch_size].to(device=device, dtype=torch.long)
-        if bos_token_id is not None:
-            bos = torch.full((len(batch), 1), bos_token_id, dtype=torch.long, device=device)
-            batch = torch.cat([bos, batch], dim=1)
-        hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-        # position t predicts token t+1
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        targets = batch[:, 1:].reshape(-1)
-        for i in range(0, len(targets), LOGITS_CHUNK):
-            logits = head(hidden[i:i + LOGITS_CHUNK]).float()
-            target_logit = logits.gather(1, targets[i:i + LOGITS_CHUNK, None]).squeeze(1)
-            total_nll += (torch.logsumexp(logits, dim=-1) - target_logit).sum().double().cpu()
-        total_tokens += len(targets)
+        nll, tokens = sequence_nll(model, rows[start:start + batch_size], bos_token_id)
+        total_nll += nll
+        total_tokens += tokens
     model.train(was_training)
-    loss = (total_nll / max(total_tokens, 1)).item()
+    loss = total_nll / max(total_tokens, 1)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": total_tokens}
 
 

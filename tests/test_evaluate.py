@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import shear.evaluate as evaluate
+import shear.nll as nll
 from shear.config import EvaluateParams, Params, SpeedParams
 from shear.data import build_shards
 from shear.evaluate import non_numeric_keys, perplexity, retention, tokenizer_adds_bos
@@ -25,7 +25,7 @@ def hand_nll(model, rows):
 
 def test_perplexity_equals_hand_computation(tiny, monkeypatch):
     model, tok = tiny
-    monkeypatch.setattr(evaluate, "LOGITS_CHUNK", 7)  # several lm_head chunks per batch
+    monkeypatch.setattr(nll, "LOGITS_CHUNK", 7)  # several lm_head chunks per batch
     rows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
     result = perplexity(model, rows, batch_size=2)  # batches of 2, 2, 1
     loss, tokens = hand_nll(model, rows)
