@@ -1,7 +1,7 @@
 """Width pruning (prune.method=width): one-shot uniform pruning of data/models/base to prune.target.
 
 Keeps the most important query heads / KV groups, MLP neurons and hidden channels by
-reports/scores/width_<prune.width_criterion>.json, the same number in every layer, and
+data/scores/width_<prune.width_criterion>.safetensors, the same number in every layer, and
 drops the least important layers when the target has fewer; writes data/models/pruned/.
 """
 import dataclasses
@@ -13,7 +13,7 @@ from shear.models import count_parameters, load_model, save_model
 from shear.prune.shapes import resolve_target, source_shape
 from shear.prune.width import width_prune
 
-BASE, SCORES = "data/models/base", Path("reports/scores")
+BASE, SCORES = "data/models/base", Path("data/scores")
 OUT = "data/models/pruned"
 
 
@@ -23,7 +23,7 @@ def main(params, args):
     target_keys = {k: v for k, v in dataclasses.asdict(p.target).items() if k != "align"}
     target = resolve_target(model.config, target_keys, p.target.align)
 
-    scores_path = SCORES / f"width_{p.width_criterion}.json"
+    scores_path = SCORES / f"width_{p.width_criterion}.safetensors"
     if not scores_path.is_file():
         raise ShearError(f"{scores_path}: not found; add {p.width_criterion} to score.width_criteria "
                          "and run the score stage (dvc repro score)")

@@ -1,4 +1,9 @@
-"""Stage `score`: block and width importance of data/models/base on the calibration set -> reports/scores/."""
+"""Stage `score`: block and width importance of data/models/base on the calibration set.
+
+Block scores (a few numbers each) and width-score summaries, with their plots, go to
+reports/scores/ (in git); the width score tensors to data/scores/*.safetensors (DVC-cached:
+at 7B they are megabytes per criterion), which width pruning reads.
+"""
 from pathlib import Path
 
 from shear.data import calibration_batch
@@ -8,7 +13,7 @@ from shear.io import atomic_dir, write_json
 from shear.models import block_parameters, load_model, pick_device
 from shear.prune.depth import blocks_to_remove
 
-BASE, SHARDS, OUT = "data/models/base", "data/shards", Path("reports/scores")
+BASE, SHARDS, OUT, TENSORS = "data/models/base", "data/shards", Path("reports/scores"), Path("data/scores")
 
 
 def main(params, args):
@@ -20,7 +25,7 @@ def main(params, args):
     # angular's span length and sleb's steps: the number of blocks depth pruning removes
     n = blocks_to_remove(L, block_parameters(model), p.ratio, p.num_blocks)
     memo = {}
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(OUT) as tmp, atomic_dir(TENSORS) as tensors:
         for criterion in s.block_criteria:
             record = score_blocks(model, calib, criterion, n=n, batch_size=s.batch_size, keep_first=s.keep_first,
                                   keep_last=s.keep_last, seed=params.base.seed, memo=memo)
@@ -28,7 +33,7 @@ def main(params, args):
             plot_block_scores(record, tmp / f"block_{criterion}.png")
             print(f"score: {criterion:9s} removes blocks {removed_by(record)} of {L}")
         for criterion in s.width_criteria:
-            write_width_scores(model, calib, criterion, tmp, s.batch_size)
+            write_width_scores(model, calib, criterion, tmp, tensors, s.batch_size)
             print(f"score: width {criterion} written")
 
 
