@@ -29,8 +29,8 @@ from pathlib import Path
 from shear.errors import ShearError
 from shear.io import atomic_file, read_json
 from shear.plots import pyplot, save_png
-from shear.records import REFERENCE_MODEL, SpeedRecord
-from shear.report import batch_speed, decode_speedup, flatten, markdown_table, mean_accuracy, mean_ppl, with_speed
+from shear.records import REFERENCE_MODEL, SpeedRecord, flatten
+from shear.report import batch_speed, decode_speedup, markdown_table, mean_accuracy, mean_ppl, with_speed
 
 EVAL = "reports/eval/{}/metrics.json"
 SPEED = "reports/speed.json"

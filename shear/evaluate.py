@@ -182,28 +182,3 @@ def retention(metrics: dict, base: dict) -> dict:
     if base_accs and sum(base_accs) > 0:
         out["acc_mean"] = sum(accs) / sum(base_accs)
     return out
-
-
-def leaves(tree: dict, prefix: str = ""):
-    """(dotted key, value) of every non-dict value of a nested dict, as DVC flattens metrics."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def non_numeric_keys(metrics: dict, strings_allowed: tuple[str, ...] = ("info",)) -> list[str]:
-    """Dotted keys whose values `dvc metrics diff` cannot compare as numbers.
-
-    None and lists are dropped by DVC and NaN is not JSON. Strings are shown but not
-    diffed, so they are allowed only under the top-level sections `strings_allowed`
-    (labels such as the device name, or in reports/speed.json the decode path chosen).
-    """
-    bad = []
-    for key, value in leaves(metrics):
-        if isinstance(value, str) and key.split(".")[0] in strings_allowed:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            bad.append(key)
-    return bad

@@ -41,6 +41,34 @@ def _need(data: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any
     return value
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": leaf}, the way DVC shows metrics and params."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, path + ".")
+        else:
+            flat[path] = value
+    return flat
+
+
+def non_numeric_keys(metrics: dict, strings_allowed: tuple[str, ...] = ("info",)) -> list[str]:
+    """Dotted keys of a metrics file whose values `dvc metrics diff` cannot compare as numbers.
+
+    None and lists are dropped by DVC and NaN is not JSON. Strings are shown but not
+    diffed, so they are allowed only under the top-level sections `strings_allowed`
+    (labels such as the device name, or in reports/speed.json the decode path chosen).
+    """
+    bad = []
+    for key, value in flatten(metrics).items():
+        if isinstance(value, str) and key.split(".")[0] in strings_allowed:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad.append(key)
+    return bad
+
+
 # ----------------------------------------------------------------------------- models
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
 
 from shear.io import atomic_dir, atomic_file
 from shear.plots import grouped_bars, log_y, pyplot, save_png
@@ -24,18 +23,6 @@ from shear.records import ModelRecord, SpeedRecord
 
 
 # ----------------------------------------------------------------------------- reading metrics
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": leaf}, the way DVC shows metrics and params."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten(value, path + ".")
-        else:
-            flat[path] = value
-    return flat
 
 
 def dig(tree: dict, *keys: str):

@@ -9,10 +9,10 @@ import torch
 import transformers
 
 from shear.data import load_domains
-from shear.evaluate import domain_perplexity, non_numeric_keys, retention, run_tasks, tokenizer_adds_bos
+from shear.evaluate import domain_perplexity, retention, run_tasks, tokenizer_adds_bos
 from shear.io import read_json, write_json
 from shear.models import count_parameters, load_model, pick_device
-from shear.records import MODEL_NAMES, REFERENCE_MODEL, EvalMetrics, ParameterCounts
+from shear.records import MODEL_NAMES, REFERENCE_MODEL, EvalMetrics, ParameterCounts, non_numeric_keys
 
 MODELS, SHARDS, HELDOUT, REPORTS = "data/models", "data/shards", "data/heldout", "reports/eval"
 

@@ -8,10 +8,9 @@ import time
 
 import torch
 
-from shear.evaluate import non_numeric_keys
 from shear.io import write_json
 from shear.models import architecture, load_model, pick_device
-from shear.records import MODEL_NAMES, REFERENCE_MODEL, SpeedRecord
+from shear.records import MODEL_NAMES, REFERENCE_MODEL, SpeedRecord, non_numeric_keys
 from shear.speed import compare_speed, machine_info
 
 MODELS, OUT = "data/models", "reports/speed.json"

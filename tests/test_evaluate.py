@@ -10,8 +10,9 @@ import torch
 import shear.nll as nll
 from shear.config import EvaluateParams, Params, SpeedParams
 from shear.data import build_shards
-from shear.evaluate import non_numeric_keys, perplexity, retention, tokenizer_adds_bos
+from shear.evaluate import perplexity, retention, tokenizer_adds_bos
 from shear.models import count_parameters, save_model
+from shear.records import non_numeric_keys
 from shear.prune.depth import remove_blocks
 
 

@@ -178,9 +178,8 @@ def test_speed_stage(tmp_path, monkeypatch):
 
     import stages.speed as stage
     from shear.config import Params, SpeedParams
-    from shear.evaluate import non_numeric_keys
     from shear.models import save_model
-    from shear.records import SpeedRecord
+    from shear.records import SpeedRecord, non_numeric_keys
 
     monkeypatch.chdir(tmp_path)
     base, tok = make_tiny_model("layers=2,hidden=32,heads=2,kv_heads=1,mlp=64", seed=0)
