@@ -19,6 +19,7 @@ import torch
 
 from shear.errors import ShearError
 from shear.io import atomic_dir, read_json
+from shear.records import ModelRecord
 
 # Architectures whose weights have LLaMA's layout (model.layers[i].self_attn.{q,k,v,o}_proj,
 # mlp.{gate,up,down}_proj, RMSNorm, RoPE), so every pruning method applies unchanged.
@@ -278,11 +279,8 @@ def save_model(model, tokenizer, directory: str | Path, record: dict[str, Any]) 
     `record` says how the model was made (source, method, removed units, ...); the
     architecture facts and parameter counts are added here so they always match the weights.
     """
-    info = {
-        **record,
-        "architecture": architecture(model.config),
-        "parameters": count_parameters(model),
-    }
+    info = ModelRecord.from_dict({**record, "architecture": architecture(model.config),
+                                  "parameters": count_parameters(model)}, f"{directory}/shear.json").to_dict()
     model.config.architectures = [type(model).__name__]
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
