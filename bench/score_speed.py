@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from shear.importance.blocks import ppl_scores, ppl_scores_loop
-from shear.nll import logits_nll
 from shear.io import atomic_file, write_json
+from shear.nll import logits_nll
 from shear.speed import machine_info
 from shear.models import offline
 from shear.prune.depth import blocks_removed
