@@ -19,7 +19,7 @@ MODELS, SHARDS, HELDOUT, REPORTS = "data/models", "data/shards", "data/heldout",
 
 def main(params, args):
     ev, name = params.evaluate, args.model
-    device = pick_device(params.base.device)
+    device = pick_device(params.run.device)
     started = time.perf_counter()
     model, tokenizer, _ = load_model(f"{MODELS}/{name}", device=device)
     eval_splits = load_domains(SHARDS, "eval", tokenizer)  # refuses shards of another tokenizer
@@ -28,7 +28,7 @@ def main(params, args):
     ppl = domain_perplexity(model, eval_splits, ev.ppl_seq_lens, ev.ppl_max_tokens, ev.batch_size, bos)
     metrics = EvalMetrics(params=ParameterCounts(**count_parameters(model)), ppl=ppl["ppl"], loss=ppl["loss"],
                           ppl_protocol=ppl["ppl_protocol"])
-    metrics.tasks = run_tasks(model, tokenizer, ev.tasks, HELDOUT, ev.task_limit, ev.batch_size, params.base.seed)
+    metrics.tasks = run_tasks(model, tokenizer, ev.tasks, HELDOUT, ev.task_limit, ev.batch_size, params.run.seed)
     if name != REFERENCE_MODEL:
         metrics.retention = retention(metrics.to_dict(), read_json(f"{REPORTS}/{REFERENCE_MODEL}/metrics.json"))
     metrics.info = {

@@ -25,7 +25,7 @@ def same_weights(a, b) -> bool:
 
 def main(params, args):
     sp = params.evaluate.speed
-    device = pick_device(params.base.device)
+    device = pick_device(params.run.device)
     started = time.perf_counter()
     models, same_as = {}, {}
     for name in MODEL_NAMES:

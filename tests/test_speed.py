@@ -189,7 +189,7 @@ def test_speed_stage(tmp_path, monkeypatch):
     save_model(pruned, tok, "data/models/retrained", {"method": "depth", "retrain": {"method": "none"}})
     params = Params()
     params.evaluate.speed = SpeedParams(batch_sizes=[1], prompt_len=4, new_tokens=2, repeats=1)
-    params.base.device = "cpu"
+    params.run.device = "cpu"
     stage.main(params, argparse.Namespace())
     data = json.loads((tmp_path / "reports/speed.json").read_text())
     record = SpeedRecord.from_dict(data, "speed.json")
