@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     splits = load_domains("data/shards", "eval", tokenizer)
     domain, split = next(iter(splits.items()))
     for length in ev.ppl_seq_lens:
-        ids = torch.from_numpy(np.asarray(rechunk(split, length)[: max(1, ev.ppl_max_tokens // length)], dtype=np.int64))
+        rows_of_length = rechunk(split, length)[: max(1, ev.ppl_max_tokens // length)]
+        ids = torch.from_numpy(np.asarray(rows_of_length, dtype=np.int64))
         _, s = timed(lambda: perplexity(model, ids, ev.batch_size))
         rows.append((f"ppl@{length}, {domain} ({ids.numel()} tokens)", s, len(splits), s * len(splits)))
     for task in ev.tasks:

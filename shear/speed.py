@@ -479,7 +479,8 @@ def compare_speed(models: dict, device, batch_sizes: list[int], prompt_len: int,
     """
     device = torch.device(device)
     if new_tokens < 2:
-        raise ShearError(f"evaluate.speed.new_tokens={new_tokens} must be >= 2 (decode speed needs a step after the prompt)")
+        raise ShearError(f"evaluate.speed.new_tokens={new_tokens} must be >= 2 "
+                         "(decode speed needs a step after the prompt)")
     if not models:
         raise ShearError("speed: no model to measure")
     paths = list(paths or default_paths(device))
