@@ -69,6 +69,17 @@ def non_numeric_keys(metrics: dict, strings_allowed: tuple[str, ...] = ("info",)
     return bad
 
 
+def batch_key(batch: int) -> str:
+    """The key of a batch size's row in a speed section (`batch.bs8`) and in `speedup` (`bs8`)."""
+    return f"bs{batch}"
+
+
+def batch_rows(section: dict) -> dict[int, dict[str, Any]]:
+    """{batch size: row} of a speed section's `batch` rows, smallest batch first ({} without any)."""
+    rows = section.get("batch", {})
+    return dict(sorted((int(key.removeprefix("bs")), row) for key, row in rows.items()))
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -222,14 +233,13 @@ class SpeedRecord:
 
     def batches(self, name: str) -> dict[int, dict[str, Any]]:
         """{batch size: row} of model `name`, smallest first ({} for a model not timed)."""
-        rows = self.models.get(name, {}).get("batch", {})
-        return dict(sorted((int(key.removeprefix("bs")), row) for key, row in rows.items()))
+        return batch_rows(self.models.get(name, {}))
 
     def decode_speedup(self, name: str, batch: int) -> float | None:
         """Decode speed-up of `name` over the reference at `batch` (1.0 for the reference itself)."""
         if name == self.reference:
             return 1.0 if batch in self.batches(name) else None
-        return self.speedup.get(name, {}).get(f"bs{batch}", {}).get("decode")
+        return self.speedup.get(name, {}).get(batch_key(batch), {}).get("decode")
 
 
 # ----------------------------------------------------------------------------- scores

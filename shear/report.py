@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shear.io import atomic_dir, atomic_file
 from shear.plots import grouped_bars, log_y, pyplot, save_png
-from shear.records import ModelRecord, SpeedRecord
+from shear.records import ModelRecord, SpeedRecord, batch_key, batch_rows
 
 
 # ----------------------------------------------------------------------------- reading metrics
@@ -72,13 +72,12 @@ def batch_speed(metrics: dict) -> dict[int, dict]:
 
     shear.speed stores them under `speed.batch.bs<N>`.
     """
-    rows = metrics.get("speed", {}).get("batch", {})
-    return dict(sorted((int(key.removeprefix("bs")), row) for key, row in rows.items()))
+    return batch_rows(metrics.get("speed", {}))
 
 
 def decode_speedup(metrics: dict, batch: int) -> float | None:
     """Decode speed-up over the base model at `batch` (`speedup.bs<N>.decode`), None if absent."""
-    return dig(metrics, "speedup", f"bs{batch}", "decode")
+    return dig(metrics, "speedup", batch_key(batch), "decode")
 
 
 def mean_accuracy(metrics: dict) -> float | None:
@@ -161,12 +160,12 @@ def table_rows(metrics: dict[str, dict], records: dict[str, ModelRecord] | None 
         add(f"{task} acc", each("tasks", task), _accuracy)
     batches = sorted({b for m in metrics.values() for b in batch_speed(m)})
     for b in batches:
-        add(f"decode ms/token, batch {b}", each("speed", "batch", f"bs{b}", "decode_ms_per_token"), _fixed(2))
-        add(f"decode tokens/s, batch {b}", each("speed", "batch", f"bs{b}", "tokens_per_s"), _fixed(1))
-        add(f"prefill ms, batch {b}", each("speed", "batch", f"bs{b}", "prefill_ms"), _fixed(2))
-        add(f"peak memory MiB, batch {b}", each("speed", "batch", f"bs{b}", "peak_memory_bytes"), _mib)
+        add(f"decode ms/token, batch {b}", each("speed", "batch", batch_key(b), "decode_ms_per_token"), _fixed(2))
+        add(f"decode tokens/s, batch {b}", each("speed", "batch", batch_key(b), "tokens_per_s"), _fixed(1))
+        add(f"prefill ms, batch {b}", each("speed", "batch", batch_key(b), "prefill_ms"), _fixed(2))
+        add(f"peak memory MiB, batch {b}", each("speed", "batch", batch_key(b), "peak_memory_bytes"), _mib)
     for b in batches:
-        add(f"decode speed-up, batch {b}", each("speedup", f"bs{b}", "decode"), _times)
+        add(f"decode speed-up, batch {b}", each("speedup", batch_key(b), "decode"), _times)
     if any(v is not None for v in each("speedup", "ideal")):
         # what a purely memory-bound decoder would gain: base / this non-embedding parameters
         add("ideal decode speed-up", each("speedup", "ideal"), _times)

@@ -38,6 +38,7 @@ import torch
 
 from shear.errors import ShearError
 from shear.models import count_parameters, head_dim
+from shear.records import batch_key, batch_rows
 
 # Untimed runs first: compiled paths compile in the first run (and capture CUDA graphs in the
 # second); eager paths only need caches and allocator warmed.
@@ -508,7 +509,7 @@ def compare_speed(models: dict, device, batch_sizes: list[int], prompt_len: int,
             for name, (path, summary, transient) in _interleaved(subjects, path_of, batch, prompt_len, new_tokens,
                                                                  repeats, device, errors).items():
                 row = machine.row(subjects[name], summary, batch, prompt_len, new_tokens, transient)
-                rows[name][f"bs{batch}"] = dict(row, path=path)
+                rows[name][batch_key(batch)] = dict(row, path=path)
     if {"compiled", "generate_static"} & set(paths):
         torch._dynamo.reset()  # free the compiled graphs (and CUDA graph pools)
     sections = {}
@@ -550,10 +551,9 @@ def measure_speed(model, device, batch_sizes: list[int], prompt_len: int, new_to
     if baseline:
         result["baseline"] = {}
         with torch.inference_mode():
-            for key, row in result["batch"].items():
-                base = _measure(model, "generate", int(key.removeprefix("bs")), prompt_len, new_tokens, repeats,
-                                device, {})
-                result["baseline"][key] = base
+            for batch, row in batch_rows(result).items():
+                base = _measure(model, "generate", batch, prompt_len, new_tokens, repeats, device, {})
+                result["baseline"][batch_key(batch)] = base
                 row["speedup_over_generate"] = base["decode_ms_per_token"] / row["decode_ms_per_token"]
     return result
 
