@@ -5,8 +5,8 @@ params (evaluate.*), so the per-stage time of `make repro` can be predicted with
 the pipeline:
 
   load        loading data/models/base
-  ppl@<len>   the perplexity pass of one domain at each evaluate.ppl_seq_lens length
-              (scaled by the number of domains)
+  ppl@<len>   `--ppl-batches` batches of the perplexity pass at each evaluate.ppl_seq_lens
+              length (scaled to every batch of every domain)
   task <name> lm-eval on `--task-limit` documents (scaled to evaluate.task_limit)
   speed       one model's decode benchmark at each evaluate.speed batch size, one timed run
               (scaled to warm-up + repeats)
@@ -20,6 +20,7 @@ a shared machine every figure reads slower).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def timed(fn):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task-limit", type=int, default=10, help="documents per lm-eval task timed (default 10)")
+    parser.add_argument("--ppl-batches", type=int, default=1, help="perplexity batches timed per length (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "eval_profile")
     args = parser.parse_args(argv)
     offline()
@@ -58,10 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     splits = load_domains("data/shards", "eval", tokenizer)
     domain, split = next(iter(splits.items()))
     for length in ev.ppl_seq_lens:
-        rows_of_length = rechunk(split, length)[: max(1, ev.ppl_max_tokens // length)]
-        ids = torch.from_numpy(np.asarray(rows_of_length, dtype=np.int64))
+        rows_per_domain = min(len(rechunk(split, length)), max(1, ev.ppl_max_tokens // length))
+        batches = math.ceil(rows_per_domain / ev.batch_size)
+        timed_rows = rechunk(split, length)[: min(batches, args.ppl_batches) * ev.batch_size]
+        ids = torch.from_numpy(np.asarray(timed_rows, dtype=np.int64))
         _, s = timed(lambda: perplexity(model, ids, ev.batch_size))
-        rows.append((f"ppl@{length}, {domain} ({ids.numel()} tokens)", s, len(splits), s * len(splits)))
+        scale = len(splits) * batches / min(batches, args.ppl_batches)
+        rows.append((f"ppl@{length}: {min(batches, args.ppl_batches)} of {batches} batches x {len(splits)} domains",
+                     s, scale, s * scale))
     for task in ev.tasks:
         _, s = timed(lambda: run_tasks(model, tokenizer, [task], "data/heldout", args.task_limit, ev.batch_size, 0))
         scale = ev.task_limit / args.task_limit

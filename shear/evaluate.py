@@ -31,6 +31,7 @@ from shear.errors import ShearError
 from shear.lmeval_tasks import BUILTIN_TASKS, write_tasks
 from shear.nll import sequence_nll
 
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS token in front of a text by itself."""
     if tokenizer.bos_token_id is None:
