@@ -11,7 +11,7 @@ import torch
 from shear.io import write_json
 from shear.models import architecture, load_model, pick_device
 from shear.records import MODEL_NAMES, REFERENCE_MODEL, SpeedRecord, non_numeric_keys
-from shear.speed import compare_speed, machine_info
+from shear.speed import compare_speed, machine_info, speedup
 
 MODELS, OUT = "data/models", "reports/speed.json"
 
@@ -40,8 +40,7 @@ def main(params, args):
                            paths=sp.paths or None)
     for name, twin in same_as.items():
         result["models"][name] = {**result["models"][twin], "same_as": twin}
-        if twin in result["speedup"]:
-            result["speedup"][name] = result["speedup"][twin]
+        result["speedup"][name] = speedup(result["models"][twin], result["models"][REFERENCE_MODEL])
     info = machine_info(device)
     info["load_average"] = info["load_average"][0]  # 1-minute; DVC metrics hold numbers, not lists
     info["wall_s"] = round(time.perf_counter() - started, 1)
