@@ -65,14 +65,22 @@ def domain_perplexity(model, eval_splits: dict[str, np.ndarray], seq_lens: list[
 
     Keys are the requested lengths (as strings) so metrics of models with different maximum
     lengths stay comparable; `ppl_protocol.seq_len.<len>` is the length actually used.
+
+    `batch_size` is the number of rows of the longest length per forward pass; shorter rows
+    are batched to the same number of tokens (the same activation memory). Rows are scored
+    independently, so the figures do not depend on it, and a few long forward passes run
+    faster than many short ones (on 2 CPU cores 64 x 128 tokens per pass took about half
+    the time per token of 8 x 128: bench/results/eval_profile.md).
     """
     max_positions = getattr(model.config, "max_position_embeddings", None) or max(seq_lens)
     bos = bos_token_id is not None
     ppl, loss = {}, {}
     protocol = {"bos": int(bos), "seq_len": {}, "tokens": {}}
+    longest = min(max(seq_lens), max_positions - int(bos))
     for requested in seq_lens:
         key = str(requested)
         length = min(requested, max_positions - int(bos))
+        rows_per_pass = max(1, batch_size * longest // length)
         protocol["seq_len"][key] = length
         ppl[key], loss[key], protocol["tokens"][key] = {}, {}, {}
         for domain, split in eval_splits.items():
@@ -81,7 +89,7 @@ def domain_perplexity(model, eval_splits: dict[str, np.ndarray], seq_lens: list[
             if len(rows) == 0:
                 print(f"evaluate: skipping {domain} at length {length}: its eval split holds fewer tokens")
                 continue
-            result = perplexity(model, torch.from_numpy(np.asarray(rows, dtype=np.int64)), batch_size,
+            result = perplexity(model, torch.from_numpy(np.asarray(rows, dtype=np.int64)), rows_per_pass,
                                 bos_token_id, desc=f"ppl {key} {domain}")
             ppl[key][domain] = result["ppl"]
             loss[key][domain] = result["loss"]

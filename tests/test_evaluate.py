@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import shear.evaluate as evaluate
 import shear.nll as nll
 from shear.config import EvaluateParams, Params, SpeedParams
 from shear.data import build_shards
@@ -40,6 +41,16 @@ def test_perplexity_equals_hand_computation(tiny, monkeypatch):
     assert with_bos["tokens"] == tokens == 5 * 12  # the first token is scored after BOS
     assert with_bos["loss"] == pytest.approx(loss, rel=1e-5)
     assert model.training is False
+
+
+def test_domain_perplexity_does_not_depend_on_batching(tiny):
+    model, _ = tiny
+    split = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(0)).numpy()
+    # batch_size rows of the longest length per pass: 1 x 64 or 3 x 64 tokens; rows of 16 go 4 or 12 at a time
+    one, three = (evaluate.domain_perplexity(model, {"d": split}, [16, 64], 512, b, None) for b in (1, 3))
+    for length in ("16", "64"):
+        assert one["loss"][length]["d"] == pytest.approx(three["loss"][length]["d"], rel=1e-6)
+        assert one["ppl_protocol"]["tokens"][length] == three["ppl_protocol"]["tokens"][length]
 
 
 def test_byte_tokenizer_adds_no_bos(tiny):
