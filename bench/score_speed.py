@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shear.importance.blocks import nll_sum, ppl_scores, ppl_scores_loop
+from shear.importance.blocks import ppl_scores, ppl_scores_loop
 from shear.io import atomic_file, write_json
+from shear.nll import logits_nll
 from shear.speed import machine_info
 from shear.models import offline
 from shear.prune.depth import blocks_removed
@@ -38,7 +39,7 @@ def seed_loop(model, calib: torch.Tensor) -> list[float]:
     scores = []
     for i in tqdm(range(L), desc="ppl (seed loop)", unit="block", leave=False):
         with blocks_removed(model, [i]):
-            nll = sum(nll_sum(model(row[None].to(device)).logits, row[None].to(device)).item() for row in calib)
+            nll = sum(logits_nll(model(row[None].to(device)).logits, row[None].to(device)).item() for row in calib)
         scores.append(math.exp(nll / (calib.shape[0] * (calib.shape[1] - 1))))
     return scores
 

@@ -4,7 +4,8 @@
 
 Reads `dvc exp show --json` (the workspace, the current commit and all its experiments,
 queued and failed ones skipped), takes each one's `reports/eval/<model>/metrics.json` and
-writes, into --out (default reports/):
+its speed from `reports/speed.json` (runs made before the speed stage existed carry it in
+the metrics file), and writes, into --out (default reports/):
 
 - compare.md / compare.csv: one row per experiment with the params that differ between
   experiments and the key metrics (non-embedding parameters, mean perplexity, mean task
@@ -27,9 +28,12 @@ from pathlib import Path
 
 from shear.errors import ShearError
 from shear.io import atomic_file, read_json
-from shear.report import batch_speed, decode_speedup, flatten, markdown_table, mean_accuracy, mean_ppl
+from shear.plots import pyplot, save_png
+from shear.records import REFERENCE_MODEL, SpeedRecord, flatten
+from shear.report import batch_speed, decode_speedup, markdown_table, mean_accuracy, mean_ppl, with_speed
 
 EVAL = "reports/eval/{}/metrics.json"
+SPEED = "reports/speed.json"
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -132,19 +136,33 @@ def default_seq_len(runs: list[dict], model: str) -> str:
     return "128" if "128" in found or not found else min(found, key=int)
 
 
+def model_metrics(run: dict, model: str) -> dict | None:
+    """`model`'s metrics in one run, with its speed from the run's speed file when it has one."""
+    metrics = run["metrics"].get(EVAL.format(model))
+    speed = run["metrics"].get(SPEED)
+    if metrics is None or speed is None:
+        return metrics  # before the speed stage, a metrics file carried its own same-run speed
+    return with_speed({model: metrics}, SpeedRecord.from_dict(speed, f"{run['name']}: {SPEED}"))[model]
+
+
 def comparison(runs: list[dict], model: str = "retrained", seq_len: str = "128") -> tuple[list[str], list[dict]]:
-    """(differing param keys, rows): one row per run with `model`'s metrics, plus a row per distinct base model."""
+    """(differing param keys, rows): one row per run with `model`'s metrics, plus a row per distinct base model.
+
+    Base models are told apart by their quality metrics; the speed of a base row is that of
+    the first run that timed it (tokens/s of different runs compare only on the same machine).
+    """
     path = EVAL.format(model)
     used = [r for r in runs if path in r["metrics"]]
     keys = differing_params(used)
-    rows, bases = [], []
+    rows, bases = [], {}
     for r in used:
         rows.append({"name": r["name"], "rev": r["rev"], **{k: r["params"].get(k) for k in keys},
-                     **summary(r["metrics"][path], seq_len)})
-        base = r["metrics"].get(EVAL.format("base"))
-        if base is not None and base not in bases:
-            bases.append(base)
-    for i, base in enumerate(bases):
+                     **summary(model_metrics(r, model), seq_len)})
+        base = r["metrics"].get(EVAL.format(REFERENCE_MODEL))
+        if base is not None:
+            bases.setdefault(json.dumps(with_speed({"b": base}, None)["b"], sort_keys=True),
+                             model_metrics(r, REFERENCE_MODEL))
+    for i, base in enumerate(bases.values()):
         row = {"name": "base model" + (f" {i + 1}" if len(bases) > 1 else ""), "rev": "", **{k: None for k in keys},
                **summary(base, seq_len)}
         row["speedup"] = 1.0  # by definition
@@ -222,12 +240,8 @@ def render(keys: list[str], rows: list[dict], model: str, seq_len: str, quality:
 
 
 def plot_pareto(rows: list[dict], quality: str, seq_len: str, path) -> None:
-    """Quality against non-embedding parameters and against decode tokens/s, the front in red, as PNG to `path` (a path or binary file)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Quality against non-embedding parameters and against decode tokens/s, the front in red, as PNG to `path`."""
+    plt = pyplot()
     key, label, larger_better = quality_key(quality, seq_len)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, x_key, front_key, x_label in (
@@ -251,8 +265,7 @@ def plot_pareto(rows: list[dict], quality: str, seq_len: str, path) -> None:
     axes[0].set_title("quality vs size")
     axes[1].set_title("quality vs decode speed")
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -268,8 +281,7 @@ def write_outputs(keys: list[str], rows: list[dict], out: Path, model: str, seq_
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with atomic_file(out / "compare_pareto.png", "wb") as f:
-        plot_pareto(rows, quality, seq_len, f)
+    plot_pareto(rows, quality, seq_len, out / "compare_pareto.png")
     return text
 
 

@@ -9,8 +9,8 @@ Perplexity protocol (written into every metrics file as `ppl_protocol`):
   prepended. BOS is prepended only when the model's tokenizer adds one itself, i.e. when the
   model saw one at the start of its training text. SmolLM2's tokenizer adds none, and the
   shards hold none (documents are separated by EOS), so the default is no BOS;
-- float32 weights (the stage loads the model so) and a float32 log-softmax, also on CUDA:
-  no bf16 autocast, so the figures do not depend on the device's precision;
+- a float32 log-softmax and float64 sums whatever the weights' dtype (shear.nll, recorded as
+  `info.dtype`), no autocast, so the figures do not depend on the device's precision;
 - `ppl.<len>.<domain>` = exp(loss), `loss.<len>.mean` = the mean over domains (each
   domain counts once), `ppl.<len>.mean` = exp(loss.<len>.mean).
 """
@@ -29,9 +29,7 @@ from tqdm import tqdm
 from shear.data import rechunk
 from shear.errors import ShearError
 from shear.lmeval_tasks import BUILTIN_TASKS, write_tasks
-from shear.models import lm_logits
-
-LOGITS_CHUNK = 2048  # positions per lm_head call: bounds the [tokens, vocab] logits in memory
+from shear.nll import sequence_nll
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -42,37 +40,22 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-@torch.no_grad()
 def perplexity(model, rows: torch.Tensor, batch_size: int, bos_token_id: int | None = None,
                desc: str = "perplexity") -> dict:
     """Mean next-token NLL over `rows` [N, L] of token ids: {"loss", "ppl", "tokens"}.
 
-    Each row is one independent sequence; with `bos_token_id` it is prepended to every row
-    and the first token is scored too. The model has LLaMA's layout (`model.model` = the
-    decoder, then the output embedding); the lm_head runs in chunks of positions so the
-    [tokens, vocab] logits never exist all at once.
+    Each row is one independent sequence (shear.nll.sequence_nll); with `bos_token_id` it
+    is prepended to every row and the first token is scored too.
     """
     was_training = model.training
     model.eval()
-    device = model.get_input_embeddings().weight.device
-    total_nll = torch.zeros((), dtype=torch.float64)
-    total_tokens = 0
+    total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
-        batch = rows[start:start + batch_size].to(device=device, dtype=torch.long)
-        if bos_token_id is not None:
-            bos = torch.full((len(batch), 1), bos_token_id, dtype=torch.long, device=device)
-            batch = torch.cat([bos, batch], dim=1)
-        hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-        # position t predicts token t+1
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        targets = batch[:, 1:].reshape(-1)
-        for i in range(0, len(targets), LOGITS_CHUNK):
-            logits = lm_logits(model, hidden[i:i + LOGITS_CHUNK]).float()  # soft-capped as the model does
-            target_logit = logits.gather(1, targets[i:i + LOGITS_CHUNK, None]).squeeze(1)
-            total_nll += (torch.logsumexp(logits, dim=-1) - target_logit).sum().double().cpu()
-        total_tokens += len(targets)
+        nll, tokens = sequence_nll(model, rows[start:start + batch_size], bos_token_id)
+        total_nll += nll
+        total_tokens += tokens
     model.train(was_training)
-    loss = (total_nll / max(total_tokens, 1)).item()
+    loss = total_nll / max(total_tokens, 1)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": total_tokens}
 
 
@@ -82,14 +65,22 @@ def domain_perplexity(model, eval_splits: dict[str, np.ndarray], seq_lens: list[
 
     Keys are the requested lengths (as strings) so metrics of models with different maximum
     lengths stay comparable; `ppl_protocol.seq_len.<len>` is the length actually used.
+
+    `batch_size` is the number of rows of the longest length per forward pass; shorter rows
+    are batched to the same number of tokens (the same activation memory). Rows are scored
+    independently, so the figures do not depend on it, and a few long forward passes run
+    faster than many short ones (on 2 CPU cores 64 x 128 tokens per pass took about half
+    the time per token of 8 x 128: bench/results/eval_profile.md).
     """
     max_positions = getattr(model.config, "max_position_embeddings", None) or max(seq_lens)
     bos = bos_token_id is not None
     ppl, loss = {}, {}
     protocol = {"bos": int(bos), "seq_len": {}, "tokens": {}}
+    longest = min(max(seq_lens), max_positions - int(bos))
     for requested in seq_lens:
         key = str(requested)
         length = min(requested, max_positions - int(bos))
+        rows_per_pass = max(1, batch_size * longest // length)
         protocol["seq_len"][key] = length
         ppl[key], loss[key], protocol["tokens"][key] = {}, {}, {}
         for domain, split in eval_splits.items():
@@ -98,7 +89,7 @@ def domain_perplexity(model, eval_splits: dict[str, np.ndarray], seq_lens: list[
             if len(rows) == 0:
                 print(f"evaluate: skipping {domain} at length {length}: its eval split holds fewer tokens")
                 continue
-            result = perplexity(model, torch.from_numpy(np.asarray(rows, dtype=np.int64)), batch_size,
+            result = perplexity(model, torch.from_numpy(np.asarray(rows, dtype=np.int64)), rows_per_pass,
                                 bos_token_id, desc=f"ppl {key} {domain}")
             ppl[key][domain] = result["ppl"]
             loss[key][domain] = result["loss"]
@@ -200,28 +191,3 @@ def retention(metrics: dict, base: dict) -> dict:
     if base_accs and sum(base_accs) > 0:
         out["acc_mean"] = sum(accs) / sum(base_accs)
     return out
-
-
-def leaves(tree: dict, prefix: str = ""):
-    """(dotted key, value) of every non-dict value of a nested dict, as DVC flattens metrics."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def non_numeric_keys(metrics: dict, strings_allowed: tuple[str, ...] = ("info", "speed")) -> list[str]:
-    """Dotted keys whose values `dvc metrics diff` cannot compare as numbers.
-
-    None and lists are dropped by DVC and NaN is not JSON. Strings are shown but not
-    diffed, so they are allowed only under the top-level sections `strings_allowed`
-    (labels such as the device name, or the decode path shear.speed chose).
-    """
-    bad = []
-    for key, value in leaves(metrics):
-        if isinstance(value, str) and key.split(".")[0] in strings_allowed:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            bad.append(key)
-    return bad

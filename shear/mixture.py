@@ -28,7 +28,11 @@ import torch
 
 from shear.data import load_domains, rechunk
 from shear.errors import ShearError
-from shear.io import atomic_file, read_json
+from shear.io import read_json
+from shear.nll import sequence_nll
+from shear.plots import pyplot, save_png
+from shear.config import HELDOUT_SEQ_LEN
+from shear.records import EvalMetrics
 
 
 def initial_weights(domains: dict[str, np.ndarray], given: Optional[dict[str, float]] = None) -> dict[str, float]:
@@ -161,7 +165,8 @@ def build_sampler(mixture: str, domains: dict[str, np.ndarray], seq_len: int, se
     raise ShearError(f"params.yaml: data.mixture={mixture!r} is not known; valid: fixed, dynamic")
 
 
-def heldout_rows(shards_dir: str | Path, tokenizer, n_sequences: int, seq_len: int = 128) -> dict[str, torch.Tensor]:
+def heldout_rows(shards_dir: str | Path, tokenizer, n_sequences: int,
+                 seq_len: int = HELDOUT_SEQ_LEN) -> dict[str, torch.Tensor]:
     """The first `n_sequences` rows of `seq_len` tokens of each domain's eval split (fewer if it is short)."""
     rows = {}
     for domain, arr in load_domains(shards_dir, "eval", tokenizer).items():
@@ -173,23 +178,18 @@ def heldout_rows(shards_dir: str | Path, tokenizer, n_sequences: int, seq_len: i
     return rows
 
 
-@torch.no_grad()
 def domain_losses(model, rows: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
-    """Mean next-token NLL (natural log, no BOS added) of the model on each domain's rows."""
+    """Mean next-token NLL (natural log, no BOS added) of the model on each domain's rows (shear.nll)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     losses = {}
     try:
         for domain, x in rows.items():
             total, count = 0.0, 0
             for start in range(0, len(x), batch_size):
-                batch = x[start:start + batch_size].to(device)
-                # The model's loss is the mean over batch * (L - 1) predicted tokens; re-weight by that count
-                # so a short last batch counts for its tokens only.
-                n = batch.shape[0] * (batch.shape[1] - 1)
-                total += float(model(input_ids=batch, labels=batch).loss) * n
-                count += n
+                nll, tokens = sequence_nll(model, x[start:start + batch_size])
+                total += nll
+                count += tokens
             losses[domain] = total / count
     finally:
         model.train(was_training)
@@ -197,8 +197,9 @@ def domain_losses(model, rows: dict[str, torch.Tensor], batch_size: int = 8) -> 
 
 
 def reference_losses(base_metrics_path: str | Path, given: Optional[dict[str, float]], domains: list[str],
-                     seq_len: int = 128) -> dict[str, float]:
-    """Each domain's reference loss: `given` (mixture.reference_loss) or the base model's eval loss."""
+                     seq_len: int = HELDOUT_SEQ_LEN) -> dict[str, float]:
+    """Each domain's reference loss: `given` (mixture.reference_loss) or the base model's eval loss
+    at `seq_len` (`loss.<seq_len>` of its metrics.json, shear.records.EvalMetrics)."""
     given = dict(given or {})
     unknown = sorted(set(given) - set(domains))
     if unknown:
@@ -211,7 +212,7 @@ def reference_losses(base_metrics_path: str | Path, given: Optional[dict[str, fl
         if not path.is_file():
             raise ShearError(f"{path}: not found; the dynamic mixture needs the base model's per-domain loss "
                              "(run the evaluate stage for base) or mixture.reference_loss for every domain")
-        measured = read_json(path).get("loss", {}).get(str(seq_len), {})
+        measured = EvalMetrics.from_dict(read_json(path), str(path)).loss.get(str(seq_len), {})
     ref = {}
     for d in domains:
         if d in given and not (isinstance(given[d], (int, float)) and math.isfinite(given[d])):
@@ -242,12 +243,7 @@ def log_mixture(live, sampler: DomainSampler, losses: dict[str, float], step: in
 def plot_weights(sampler: DynamicDomainSampler, path: str | Path, update_every: int = 1) -> Path:
     """A PNG of each domain's weight from its initial value (step 0) over the sampler's updates
     (x = optimizer step when `update_every` is given)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     if sampler.history:
         trajectory = [sampler.initial_weights] + [h["weights"] for h in sampler.history]
         steps = [update_every * i for i in range(len(trajectory))]
@@ -261,7 +257,5 @@ def plot_weights(sampler: DynamicDomainSampler, path: str | Path, update_every: 
     ax.set_title("dynamic batch loading: domain weights")
     fig.tight_layout()
     path = Path(path)
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
     return path

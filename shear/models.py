@@ -19,6 +19,7 @@ import torch
 
 from shear.errors import ShearError
 from shear.io import atomic_dir, read_json
+from shear.records import ModelRecord
 
 # Families whose blocks have LLaMA's layout (model.layers[i].self_attn.{q,k,v,o}_proj,
 # mlp.{gate,up,down}_proj, RMSNorms, RoPE), model_type -> architecture. What differs between
@@ -383,7 +384,7 @@ def save_model(model, tokenizer, directory: str | Path, record: dict[str, Any]) 
     architecture facts and parameter counts are added here so they always match the weights.
     """
     config = model.config
-    info = {
+    info = ModelRecord.from_dict({
         **record,
         "architecture": architecture(config),
         "layout": layout(config),
@@ -391,7 +392,7 @@ def save_model(model, tokenizer, directory: str | Path, record: dict[str, Any]) 
         "tensor_parallel": tensor_parallel({k: getattr(config, k) for k in (
             "num_attention_heads", "num_key_value_heads", "intermediate_size")}),
         "parameters": count_parameters(model),
-    }
+    }, f"{directory}/shear.json").to_dict()
     model.config.architectures = [type(model).__name__]
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -17,7 +17,8 @@ HELDOUT = Path("data/heldout")  # corpus: documents kept out of data/raw for the
 SHARDS = Path("data/shards")  # shards: <domain>/{train,calib,eval} and manifest.json
 CORPUS_REPORT = Path("reports/corpus.json")
 
-SCORES = Path("reports/scores")  # score: block_<criterion>.json, width_<criterion>.json, plots
+SCORES = Path("reports/scores")  # score: block_<criterion>.json, width_<criterion>.json summaries, plots
+SCORE_TENSORS = Path("data/scores")  # score: width_<criterion>.safetensors (DVC-cached)
 EVAL = Path("reports/eval")  # evaluate: <model>/metrics.json
 BASE_METRICS = EVAL / "base" / "metrics.json"
 
@@ -26,6 +27,7 @@ PRUNE_LOGS = Path("reports/train/prune")  # its DVCLive logs
 RETRAIN_CHECKPOINTS = Path("data/checkpoints/retrain")
 RETRAIN_LOGS = Path("reports/train/retrain")
 
+SPEED = Path("reports/speed.json")  # speed: every model's decode/prefill figures from one run
 REPORT = Path("reports/report.md")
 FIGURES = Path("reports/figures")
 

@@ -1,8 +1,10 @@
 """The report: one table and a few figures comparing the base, pruned and retrained models.
 
 Inputs are the evaluate stage's metrics files (`reports/eval/<model>/metrics.json`, schema in
-shear/evaluate.py and shear/speed.py) and, optionally, each model's `shear.json` (how it was
-made, its shape). Outputs:
+shear/evaluate.py), the speed stage's `reports/speed.json` (every model timed in one run:
+every speed figure and speed-up here comes from it, never from two runs) and, optionally,
+each model's `shear.json` (how it was made, its shape); shear/records.py types all three.
+Outputs:
 
 - `report.md`: one markdown table, a column per model, a row per quantity;
 - `figures/*.png`: per-domain perplexity bars, speed bars, quality against size and speed;
@@ -14,24 +16,13 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
 
 from shear.io import atomic_dir, atomic_file
+from shear.plots import grouped_bars, log_y, pyplot, save_png
+from shear.records import ModelRecord, SpeedRecord, batch_key, batch_rows
 
 
 # ----------------------------------------------------------------------------- reading metrics
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": leaf}, the way DVC shows metrics and params."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten(value, path + ".")
-        else:
-            flat[path] = value
-    return flat
 
 
 def dig(tree: dict, *keys: str):
@@ -59,18 +50,34 @@ def domains(metrics: dict[str, dict], length: str) -> list[str]:
     return names
 
 
+def with_speed(metrics: dict[str, dict], speed: SpeedRecord | None) -> dict[str, dict]:
+    """Each model's metrics with its `speed` and `speedup` sections taken from the one speed run.
+
+    Any speed section a metrics file carries itself is dropped: figures of different runs
+    never meet in one table or plot.
+    """
+    out = {}
+    for name, m in metrics.items():
+        m = {k: v for k, v in m.items() if k not in ("speed", "speedup")}
+        if speed is not None and name in speed.models:
+            m["speed"] = speed.models[name]
+            if name in speed.speedup:
+                m["speedup"] = speed.speedup[name]
+        out[name] = m
+    return out
+
+
 def batch_speed(metrics: dict) -> dict[int, dict]:
     """Speed per batch size: {batch: {"decode_ms_per_token", "tokens_per_s", "prefill_ms", ...}}.
 
     shear.speed stores them under `speed.batch.bs<N>`.
     """
-    rows = metrics.get("speed", {}).get("batch", {})
-    return dict(sorted((int(key.removeprefix("bs")), row) for key, row in rows.items()))
+    return batch_rows(metrics.get("speed", {}))
 
 
 def decode_speedup(metrics: dict, batch: int) -> float | None:
     """Decode speed-up over the base model at `batch` (`speedup.bs<N>.decode`), None if absent."""
-    return dig(metrics, "speedup", f"bs{batch}", "decode")
+    return dig(metrics, "speedup", batch_key(batch), "decode")
 
 
 def mean_accuracy(metrics: dict) -> float | None:
@@ -113,23 +120,19 @@ def _accuracy(task: dict | None) -> str:
     return f"{task['acc']:.3f} ± {task['acc_stderr']:.3f}" if "acc_stderr" in task else f"{task['acc']:.3f}"
 
 
-def _made_by(record: dict | None) -> str:
-    """How a model was made, from its shear.json: the method and, for depth pruning, the criterion."""
-    if not record:
+def _made_by(record: ModelRecord | None) -> str:
+    """How a model was made, from its shear.json: the method and, for pruning, the criterion."""
+    if record is None:
         return "—"
-    method = record.get("method", "?")
-    return f"{method} ({record['criterion']})" if record.get("criterion") else str(method)
+    return f"{record.method} ({record.criterion})" if record.criterion else record.method
 
 
-def _shape(record: dict | None) -> str:
-    a = (record or {}).get("architecture")
-    if not a:
-        return "—"
-    return (f"{a['num_hidden_layers']} L · d {a['hidden_size']} · {a['num_attention_heads']}/"
-            f"{a['num_key_value_heads']} heads · MLP {a['intermediate_size']}")
+def _shape(record: ModelRecord | None) -> str:
+    shape = record.shape if record is not None else None
+    return shape.describe() if shape else "—"
 
 
-def table_rows(metrics: dict[str, dict], records: dict[str, dict] | None = None) -> list[list[str]]:
+def table_rows(metrics: dict[str, dict], records: dict[str, ModelRecord] | None = None) -> list[list[str]]:
     """Rows [quantity, cell per model] of the report table (models in the order of `metrics`).
 
     Lengths, domains, tasks and batch sizes are whatever the metrics files hold; a value a
@@ -157,12 +160,12 @@ def table_rows(metrics: dict[str, dict], records: dict[str, dict] | None = None)
         add(f"{task} acc", each("tasks", task), _accuracy)
     batches = sorted({b for m in metrics.values() for b in batch_speed(m)})
     for b in batches:
-        add(f"decode ms/token, batch {b}", each("speed", "batch", f"bs{b}", "decode_ms_per_token"), _fixed(2))
-        add(f"decode tokens/s, batch {b}", each("speed", "batch", f"bs{b}", "tokens_per_s"), _fixed(1))
-        add(f"prefill ms, batch {b}", each("speed", "batch", f"bs{b}", "prefill_ms"), _fixed(2))
-        add(f"peak memory MiB, batch {b}", each("speed", "batch", f"bs{b}", "peak_memory_bytes"), _mib)
+        add(f"decode ms/token, batch {b}", each("speed", "batch", batch_key(b), "decode_ms_per_token"), _fixed(2))
+        add(f"decode tokens/s, batch {b}", each("speed", "batch", batch_key(b), "tokens_per_s"), _fixed(1))
+        add(f"prefill ms, batch {b}", each("speed", "batch", batch_key(b), "prefill_ms"), _fixed(2))
+        add(f"peak memory MiB, batch {b}", each("speed", "batch", batch_key(b), "peak_memory_bytes"), _mib)
     for b in batches:
-        add(f"decode speed-up, batch {b}", each("speedup", f"bs{b}", "decode"), _times)
+        add(f"decode speed-up, batch {b}", each("speedup", batch_key(b), "decode"), _times)
     if any(v is not None for v in each("speedup", "ideal")):
         # what a purely memory-bound decoder would gain: base / this non-embedding parameters
         add("ideal decode speed-up", each("speedup", "ideal"), _times)
@@ -231,73 +234,42 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; figures go to files
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _log_y(ax) -> None:
-    """A log-scale y axis labelled with plain numbers (3, 10, 30) instead of 3x10^0."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
-
-
-def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]]) -> None:
-    """Bars of several series side by side within each group (None = no bar)."""
-    width = 0.8 / max(len(series), 1)
-    for i, (name, values) in enumerate(series.items()):
-        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
-               width=width, label=name)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=30, ha="right")
-
-
 def plot_perplexity(metrics: dict[str, dict], path: Path) -> None:
     """Per-domain perplexity, one panel per evaluated length, one bar per model in each domain."""
-    plt = _pyplot()
+    plt = pyplot()
     lengths = seq_lens(metrics)
     fig, axes = plt.subplots(1, max(len(lengths), 1), figsize=(6 * max(len(lengths), 1), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         groups = domains(metrics, length) + ["mean"]
         series = {n: [m.get("ppl", {}).get(length, {}).get(d) for d in groups] for n, m in metrics.items()}
-        _grouped_bars(ax, groups, series)
-        _log_y(ax)  # a pruned model's perplexity can be many times the base model's
+        grouped_bars(ax, groups, series)
+        log_y(ax)  # a pruned model's perplexity can be many times the base model's
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"perplexity at {length} tokens (lower is better)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_speed(metrics: dict[str, dict], path: Path) -> None:
     """Decode tokens/s and prefill latency per batch size, one bar per model."""
-    plt = _pyplot()
+    plt = pyplot()
     batches = sorted({b for m in metrics.values() for b in batch_speed(m)})
     groups = [f"batch {b}" for b in batches]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "tokens_per_s", "decode tokens/s (higher is better)"),
                            (axes[1], "prefill_ms", "prefill ms (lower is better)")):
         series = {n: [batch_speed(m).get(b, {}).get(key) for b in batches] for n, m in metrics.items()}
-        _grouped_bars(ax, groups, series)
+        grouped_bars(ax, groups, series)
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_quality(metrics: dict[str, dict], path: Path) -> None:
     """Mean perplexity (shortest length) against non-embedding parameters and against decode speed."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = quality_rows(metrics)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "non_embedding_params", "non-embedding parameters (M)"),
@@ -310,58 +282,64 @@ def plot_quality(metrics: dict[str, dict], path: Path) -> None:
             ax.annotate(r["model"], (x, r["ppl"]), textcoords="offset points", xytext=(5, 5))
         ax.set_xlabel(label + (f" (batch {rows[0]['batch']})" if key == "tokens_per_s" and rows else ""))
         ax.set_ylabel(f"mean perplexity @{rows[0]['ppl_seq_len'] if rows else '?'}")
-        _log_y(ax)
+        log_y(ax)
         ax.margins(0.15)  # room for the labels
         ax.grid(alpha=0.3)
     axes[0].set_title("quality vs size")
     axes[1].set_title("quality vs speed")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- the report
 
 
-def protocol_lines(metrics: dict[str, dict]) -> list[str]:
-    """A few lines on how the numbers were measured, from the metrics files themselves."""
+def protocol_lines(metrics: dict[str, dict], speed: SpeedRecord | None = None) -> list[str]:
+    """A few lines on how the numbers were measured, from the metrics and speed files themselves."""
     lines = []
     for name, m in metrics.items():
-        info, proto, speed = m.get("info", {}), m.get("ppl_protocol", {}), m.get("speed", {})
+        info, proto = m.get("info", {}), m.get("ppl_protocol", {})
         parts = [f"device {info.get('device', '?')}"]
+        if "dtype" in info:
+            parts.append(f"weights {info['dtype']}")
         if proto:
             used = ", ".join(f"{k}→{v}" for k, v in proto.get("seq_len", {}).items() if str(k) != str(v))
             parts.append(f"BOS {'prepended' if proto.get('bos') else 'not prepended'}"
                          + (f", lengths clamped {used}" if used else ""))
-        described = [f"{speed['path']} path" if "path" in speed else None, speed.get("dtype"),
-                     f"prompt {speed['prompt_len']} + {speed['new_tokens']} new tokens"
-                     if "prompt_len" in speed and "new_tokens" in speed else None,
-                     f"median of {speed['repeats']}" if "repeats" in speed else None]
-        described = [d for d in described if d]
-        if described:
-            parts.append("speed: " + ", ".join(described))
         if "wall_s" in info:
             parts.append(f"evaluated in {info['wall_s']} s")
         lines.append(f"- **{name}**: " + "; ".join(parts))
+    if speed is not None and speed.models:
+        first = next(iter(speed.models.values()))
+        described = [f"{first['path']} path" if "path" in first else None, first.get("dtype"),
+                     f"prompt {first['prompt_len']} + {first['new_tokens']} new tokens"
+                     if "prompt_len" in first and "new_tokens" in first else None,
+                     f"median of {first['repeats']} runs" if "repeats" in first else None]
+        machine = speed.info
+        where = ", ".join(str(x) for x in (machine.get("device"), machine.get("gpu") or machine.get("cpu"),
+                                             f"load {machine['load_average']:.2f}" if "load_average" in machine
+                                             else None) if x)
+        lines.append(f"- **speed**: {', '.join(sorted(speed.models))} timed in one run ({where}), their runs "
+                     f"interleaved; " + ", ".join(d for d in described if d))
     return lines
 
 
-def render_markdown(metrics: dict[str, dict], records: dict[str, dict] | None = None,
-                    figures_rel: str = "figures") -> str:
-    """The text of report.md."""
+def render_markdown(metrics: dict[str, dict], records: dict[str, ModelRecord] | None = None,
+                    figures_rel: str = "figures", speed: SpeedRecord | None = None) -> str:
+    """The text of report.md (`metrics` already merged `with_speed`)."""
     names = list(metrics)
     parts = [
         "# shear report: " + " vs ".join(names),
         "",
         "Perplexity is per domain on the held-out eval split (lower is better); task accuracy is "
         "lm-eval `acc` ± its standard error; speed is greedy decoding with a static KV cache "
-        "(median over repeats); speed-up and retention are relative to the base model measured "
-        "in the same run.",
+        "(median over repeats), every model timed in one run; speed-up and retention are relative "
+        "to the base model.",
         "",
         markdown_table(["", *names], table_rows(metrics, records)),
         "## How it was measured",
         "",
-        *protocol_lines(metrics),
+        *protocol_lines(metrics, speed),
         "",
         "## Figures",
         "",
@@ -376,9 +354,13 @@ def render_markdown(metrics: dict[str, dict], records: dict[str, dict] | None = 
 
 
 def write_report(metrics: dict[str, dict], md_path: str | Path, figures_dir: str | Path,
-                 records: dict[str, dict] | None = None) -> str:
-    """Write report.md, the PNG figures and their CSV data (atomically); returns the markdown."""
+                 records: dict[str, ModelRecord] | None = None, speed: SpeedRecord | None = None) -> str:
+    """Write report.md, the PNG figures and their CSV data (atomically); returns the markdown.
+
+    Every speed figure, in the table and in the plots, comes from `speed` (one run).
+    """
     md_path, figures_dir = Path(md_path), Path(figures_dir)
+    metrics = with_speed(metrics, speed)
     with atomic_dir(figures_dir) as tmp:
         plot_perplexity(metrics, tmp / "perplexity.png")
         plot_speed(metrics, tmp / "speed.png")
@@ -389,8 +371,7 @@ def write_report(metrics: dict[str, dict], md_path: str | Path, figures_dir: str
         write_csv(tmp / "quality.csv", quality_rows(metrics))
     # image links relative to report.md, so the report renders wherever the repository is
     rel = os.path.relpath(figures_dir.resolve(), md_path.parent.resolve())
-    text = render_markdown(metrics, records, figures_rel=Path(rel).as_posix())
+    text = render_markdown(metrics, records, figures_rel=Path(rel).as_posix(), speed=speed)
     with atomic_file(md_path) as f:
         f.write(text)
     return text
-

@@ -38,6 +38,7 @@ import torch
 
 from shear.errors import ShearError
 from shear.models import count_parameters, head_dim
+from shear.records import batch_key, batch_rows
 
 # Untimed runs first: compiled paths compile in the first run (and capture CUDA graphs in the
 # second); eager paths only need caches and allocator warmed.
@@ -234,8 +235,10 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, cache, step=None
 
 
 def compile_step(model, device: torch.device):
-    """The model's call compiled for decode: static shapes; CUDA graphs on CUDA."""
-    torch._dynamo.reset()  # forget graphs of earlier models (and free their CUDA graph memory)
+    """The model's call compiled for decode: static shapes; CUDA graphs on CUDA.
+
+    Graphs of other models compiled before stay (several models are timed in turn); the
+    callers reset dynamo before and after a measurement."""
     # one graph per batch size and model; the default limit (8) would silently fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     mode = "reduce-overhead" if device.type == "cuda" else None
@@ -248,22 +251,21 @@ def _prompt(config, batch: int, prompt_len: int, device: torch.device) -> torch.
     return torch.randint(0, config.vocab_size, (batch, prompt_len), generator=g).to(device)
 
 
-def _time_loop(model, step, batch, prompt_len, new_tokens, repeats, device):
-    """Per-repeat (prefill ms, decode ms/token) of `greedy_decode`, after warm-up runs."""
+def _loop_runner(model, step, batch, prompt_len, new_tokens, device):
+    """A callable timing one `greedy_decode` run: (prefill ms, decode ms/token)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
     prompt = _prompt(model.config, batch, prompt_len, device)
-    warmup = WARMUP_EAGER if step is None else WARMUP_COMPILED
-    runs = []
-    for r in range(warmup + repeats):
+
+    def run() -> tuple[float, float]:
         _sync(device)
         clock = Clock(device)
         greedy_decode(model, prompt, new_tokens, cache, step=step, clock=clock)
         prefill, decode = clock.intervals_ms()
-        if r >= warmup:
-            runs.append((prefill, decode / (new_tokens - 1)))
-    return runs
+        return prefill, decode / (new_tokens - 1)
+
+    return run
 
 
 class _TokenTimes:
@@ -283,8 +285,8 @@ class _TokenTimes:
         pass
 
 
-def _time_generate(model, batch, prompt_len, new_tokens, repeats, device, static: bool):
-    """Per-repeat (prefill ms, decode ms/token) of greedy `model.generate`, timed by a streamer.
+def _generate_runner(model, batch, prompt_len, new_tokens, device, static: bool):
+    """A callable timing one greedy `model.generate` (by a streamer): (prefill ms, decode ms/token).
 
     `static=True` passes a `StaticCache`, with which generate compiles its decode step on
     CUDA; `static=False` is the plain call (dynamic cache, eager), the straightforward way.
@@ -294,9 +296,8 @@ def _time_generate(model, batch, prompt_len, new_tokens, repeats, device, static
     prompt = _prompt(model.config, batch, prompt_len, device)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens) if static else None
     pad = model.generation_config.pad_token_id
-    warmup = WARMUP_COMPILED if static else WARMUP_EAGER
-    runs = []
-    for r in range(warmup + repeats):
+
+    def run() -> tuple[float, float]:
         if cache is not None:
             cache.reset()
         times = _TokenTimes()
@@ -304,9 +305,9 @@ def _time_generate(model, batch, prompt_len, new_tokens, repeats, device, static
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad if pad is not None else 0,
                        past_key_values=cache, streamer=times)
         t = times.times  # prompt, then one mark per new token
-        if r >= warmup:
-            runs.append(((t[1] - t[0]) * 1e3, (t[-1] - t[1]) * 1e3 / (new_tokens - 1)))
-    return runs
+        return (t[1] - t[0]) * 1e3, (t[-1] - t[1]) * 1e3 / (new_tokens - 1)
+
+    return run
 
 
 def _summary(runs: list[tuple[float, float]]) -> dict:
@@ -325,17 +326,25 @@ def _summary(runs: list[tuple[float, float]]) -> dict:
     }
 
 
-def _measure(model, path, batch, prompt_len, new_tokens, repeats, device, step_cache):
-    """One batch size on one path: summary dict (raises whatever compilation raises)."""
+def _runner(model, path, batch, prompt_len, new_tokens, device, step_cache):
+    """(callable timing one run, number of untimed warm-up runs it needs) for one path and batch size."""
     if path == "eager":
-        runs = _time_loop(model, None, batch, prompt_len, new_tokens, repeats, device)
-    elif path == "compiled":
+        return _loop_runner(model, None, batch, prompt_len, new_tokens, device), WARMUP_EAGER
+    if path == "compiled":
         if "compiled" not in step_cache:
             step_cache["compiled"] = compile_step(model, device)
-        runs = _time_loop(model, step_cache["compiled"], batch, prompt_len, new_tokens, repeats, device)
-    else:  # "generate_static" or "generate"
-        runs = _time_generate(model, batch, prompt_len, new_tokens, repeats, device, static=path == "generate_static")
-    return _summary(runs)
+        return _loop_runner(model, step_cache["compiled"], batch, prompt_len, new_tokens, device), WARMUP_COMPILED
+    static = path == "generate_static"  # else plain "generate"
+    return (_generate_runner(model, batch, prompt_len, new_tokens, device, static),
+            WARMUP_COMPILED if static else WARMUP_EAGER)
+
+
+def _measure(model, path, batch, prompt_len, new_tokens, repeats, device, step_cache):
+    """One batch size on one path: summary dict (raises whatever compilation raises)."""
+    run, warmup = _runner(model, path, batch, prompt_len, new_tokens, device, step_cache)
+    for _ in range(warmup):
+        run()
+    return _summary([run() for _ in range(repeats)])
 
 
 # The decode paths: our loop (static cache) eager or compiled; generate with a static cache
@@ -355,111 +364,197 @@ def default_paths(device: torch.device) -> list[str]:
     return ["eager"]
 
 
-def measure_speed(model, device, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
-                  *, paths: list[str] | None = None, baseline: bool = False) -> dict:
-    """Prefill and decode speed of `model` per batch size, with floors; for metrics.json `speed`.
+def _check_paths(paths: list[str]) -> None:
+    if set(paths) - set(PATHS):
+        raise ShearError(f"speed paths {paths} are not valid; choose from {', '.join(PATHS)}")
 
-    Moves the model to `device` in place, in bf16 on CUDA and float32 on CPU. Each
-    candidate path (`default_paths` unless given) is measured at the smallest batch size;
-    the fastest decode wins and measures the other batch sizes. `baseline=True` also
-    times plain `model.generate` (the straightforward way) and records the ratio.
-    Peak memory: CUDA `max_memory_allocated` per batch size; on CPU the bytes of the
-    weights plus the static KV cache (the process RSS high-water mark is recorded beside
-    it, but it spans the whole process).
+
+class _Subject:
+    """One model under measurement: moved to the device and dtype once, with the facts its floors need."""
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.non_embedding = count_parameters(model)["non_embedding"]
+        unique = {id(p): p for p in model.parameters()}.values()  # tied weights once
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in unique)
+        self.step_cache: dict = {}  # its compiled decode step, made on first use
+
+
+class _Machine:
+    """The device's measured bandwidth and matmul rate, and the dtype models run in there."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype_bytes = torch.finfo(self.dtype).bits // 8
+        self.bandwidth = memory_bandwidth(device)
+        self.flops_rate = matmul_rate(device, self.dtype)
+
+    def row(self, subject: _Subject, summary: dict, batch: int, prompt_len: int, new_tokens: int,
+            transient_bytes: int) -> dict:
+        """A timing summary with tokens/s, floors, their ratios and the memory it needed.
+
+        Peak memory = the weights + the static KV cache + (on CUDA) the most the run
+        allocated on top of what was already allocated; on CPU the transient part is not
+        measured (the process RSS high-water mark spans every model of the process).
+        """
+        config = subject.model.config
+        fl = floors(config, subject.non_embedding, batch, prompt_len, new_tokens, self.dtype_bytes,
+                    self.bandwidth, self.flops_rate)
+        kv = kv_cache_bytes(config, batch, prompt_len + new_tokens, self.dtype_bytes)
+        return dict(
+            summary,
+            tokens_per_s=batch * 1e3 / summary["decode_ms_per_token"],
+            decode_floor_ms=fl["decode_floor_ms"],
+            decode_ratio_to_floor=summary["decode_ms_per_token"] / fl["decode_floor_ms"],
+            prefill_floor_ms=fl["prefill_floor_ms"],
+            prefill_ratio_to_floor=summary["prefill_ms"] / fl["prefill_floor_ms"],
+            kv_cache_bytes=kv,
+            peak_memory_bytes=subject.weight_bytes + kv + transient_bytes,
+        )
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def _timed_run(run, device: torch.device) -> tuple[tuple[float, float], int]:
+    """One timed run and the bytes it allocated on top of what was allocated before it (CUDA; 0 on CPU)."""
+    if device.type != "cuda":
+        return run(), 0
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = run()
+    return result, torch.cuda.max_memory_allocated(device) - before
+
+
+def _interleaved(subjects: dict[str, _Subject], path_of: dict[str, list[str]], batch: int, prompt_len: int,
+                 new_tokens: int, repeats: int, device: torch.device, errors: dict) -> dict[str, tuple]:
+    """Time every model at one batch size, their runs interleaved: {name: (path, summary, transient bytes)}.
+
+    Each model gets its runner (its first path that builds and survives warm-up; failures
+    are noted in `errors`), then repeat r runs every model once, starting from model r mod n,
+    so a change of machine load during the measurement slows every model alike and no model
+    always runs right after the same neighbour.
+    """
+    runners = {}
+    for name, subject in subjects.items():
+        for path in path_of[name]:
+            try:
+                run, warmup = _runner(subject.model, path, batch, prompt_len, new_tokens, device, subject.step_cache)
+                for _ in range(warmup):
+                    run()
+            except Exception as e:  # noqa: BLE001 - compilers raise many types; all are recorded
+                errors.setdefault(name, {})[f"{path}_bs{batch}"] = _first_line(e)
+                continue
+            runners[name] = (path, run)
+            break
+        else:
+            raise ShearError(f"speed: every decode path failed for {name} on {device} at batch size {batch}: "
+                             f"{errors.get(name)}")
+    names = list(runners)
+    runs = {name: [] for name in names}
+    transient = {name: 0 for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            timing, extra = _timed_run(runners[name][1], device)
+            runs[name].append(timing)
+            transient[name] = max(transient[name], extra)
+    return {name: (runners[name][0], _summary(runs[name]), transient[name]) for name in names}
+
+
+def compare_speed(models: dict, device, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
+                  *, paths: list[str] | None = None) -> dict:
+    """Prefill and decode speed of several models, measured in one process with their runs interleaved.
+
+    The first model is the reference (the base model). The decode path is chosen once, on
+    it: each candidate (`default_paths` unless given) is timed at the smallest batch size
+    and the fastest is used for every model and batch size (a model on which it fails uses
+    the next fastest, recorded in its rows' `path` and in `errors`). Then, per batch size,
+    the models' timed runs alternate (see `_interleaved`), so the ratios between them do
+    not depend on when each model happened to run. Moves every model to `device` in place,
+    in bf16 on CUDA and float32 on CPU.
+
+    Returns {"models": {name: speed section}, "speedup": {name: `speedup` over the
+    reference} for every other model}; a speed section has the schema `measure_speed` gives.
     """
     device = torch.device(device)
     if new_tokens < 2:
-        raise ShearError(f"evaluate.speed.new_tokens={new_tokens} must be >= 2 (decode speed needs a step after the prompt)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype_bytes = torch.finfo(dtype).bits // 8
-    model.to(device=device, dtype=dtype).eval()
-    config = model.config
-    non_embedding = count_parameters(model)["non_embedding"]
-    bandwidth = memory_bandwidth(device)
-    flops_rate = matmul_rate(device, dtype)
-    sizes = sorted(set(batch_sizes))
+        raise ShearError(f"evaluate.speed.new_tokens={new_tokens} must be >= 2 "
+                         "(decode speed needs a step after the prompt)")
+    if not models:
+        raise ShearError("speed: no model to measure")
     paths = list(paths or default_paths(device))
-    if set(paths) - set(PATHS):
-        raise ShearError(f"speed paths {paths} are not valid; choose from {', '.join(PATHS)}")
-    step_cache: dict = {}
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-    def one(path, batch):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        row = _measure(model, path, batch, prompt_len, new_tokens, repeats, device, step_cache)
-        fl = floors(config, non_embedding, batch, prompt_len, new_tokens, dtype_bytes, bandwidth, flops_rate)
-        row.update(
-            tokens_per_s=batch * 1e3 / row["decode_ms_per_token"],
-            decode_floor_ms=fl["decode_floor_ms"],
-            decode_ratio_to_floor=row["decode_ms_per_token"] / fl["decode_floor_ms"],
-            prefill_floor_ms=fl["prefill_floor_ms"],
-            prefill_ratio_to_floor=row["prefill_ms"] / fl["prefill_floor_ms"],
-            kv_cache_bytes=kv_cache_bytes(config, batch, prompt_len + new_tokens, dtype_bytes),
-        )
-        if device.type == "cuda":
-            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        else:
-            row["peak_memory_bytes"] = weight_bytes + row["kv_cache_bytes"]
-        return row
-
-    def attempt(path, batch, errors):
-        """`one(path, batch)`, or None with the error noted: a compiled path may fail on some
-        machine (no C++ compiler, an op it cannot capture) while the others still run."""
-        try:
-            return one(path, batch)
-        except Exception as e:  # noqa: BLE001 - compilers raise many types; all are recorded
-            first_line = (str(e).strip().splitlines() or [""])[0][:300]
-            errors[f"{path}_bs{batch}"] = f"{type(e).__name__}: {first_line}"
-            return None
-
-    candidates, errors = {}, {}
+    _check_paths(paths)
+    machine = _Machine(device)
+    subjects = {name: _Subject(m, device, machine.dtype) for name, m in models.items()}
+    sizes = sorted(set(batch_sizes))
+    reference = next(iter(subjects))
+    torch._dynamo.reset()  # no graphs of models measured earlier in this process
+    errors: dict[str, dict] = {}
+    rows: dict[str, dict] = {name: {} for name in subjects}
     with torch.inference_mode():
-        for path in paths:
-            row = attempt(path, sizes[0], errors)
-            if row is not None:
-                candidates[path] = row
-        if not candidates:
-            raise ShearError(f"speed: every decode path failed on {device}: {errors}")
-        ranked = sorted(candidates, key=lambda p: candidates[p]["decode_ms_per_token"])
-        chosen = ranked[0]
-        batch_rows = {f"bs{sizes[0]}": dict(candidates[chosen], path=chosen)}
-        for batch in sizes[1:]:  # the chosen path, or the next fastest if it fails at this size
-            for path in ranked:
-                row = attempt(path, batch, errors)
-                if row is not None:
-                    batch_rows[f"bs{batch}"] = dict(row, path=path)
-                    break
-            else:
-                raise ShearError(f"speed: every decode path failed on {device} at batch size {batch}: {errors}")
-        result = {
-            "path": chosen,
+        candidates = {}
+        for path in paths if len(paths) > 1 else []:  # choose the path on the reference (figures kept apart)
+            try:
+                candidates[path] = _measure(subjects[reference].model, path, sizes[0], prompt_len, new_tokens,
+                                            repeats, device, subjects[reference].step_cache)
+            except Exception as e:  # noqa: BLE001 - recorded, the other paths still run
+                errors.setdefault(reference, {})[f"{path}_bs{sizes[0]}"] = _first_line(e)
+        if len(paths) > 1 and not candidates:
+            raise ShearError(f"speed: every decode path failed on {device}: {errors[reference]}")
+        ranked = sorted(candidates, key=lambda p: candidates[p]["decode_ms_per_token"]) or paths
+        path_of = {name: ranked for name in subjects}
+        for batch in sizes:
+            for name, (path, summary, transient) in _interleaved(subjects, path_of, batch, prompt_len, new_tokens,
+                                                                 repeats, device, errors).items():
+                row = machine.row(subjects[name], summary, batch, prompt_len, new_tokens, transient)
+                rows[name][batch_key(batch)] = dict(row, path=path)
+    if {"compiled", "generate_static"} & set(paths):
+        torch._dynamo.reset()  # free the compiled graphs (and CUDA graph pools)
+    sections = {}
+    for name, subject in subjects.items():
+        sections[name] = {
+            "path": ranked[0],
             "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(machine.dtype).removeprefix("torch."),
             "prompt_len": prompt_len,
             "new_tokens": new_tokens,
             "repeats": repeats,
-            "non_embedding_params": non_embedding,
-            "weight_bytes": weight_bytes,
-            "bandwidth_gb_s": bandwidth / 1e9,
-            "matmul_tflops": flops_rate / 1e12,
-            "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "weights_plus_kv_cache",
-            "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            # each candidate's figures at the smallest batch size; failures are in `errors`
-            "candidates": {p: {"decode_ms_per_token": row["decode_ms_per_token"], "prefill_ms": row["prefill_ms"]}
-                           for p, row in candidates.items()},
-            "errors": errors,
-            "batch": batch_rows,
+            "non_embedding_params": subject.non_embedding,
+            "weight_bytes": subject.weight_bytes,
+            "bandwidth_gb_s": machine.bandwidth / 1e9,
+            "matmul_tflops": machine.flops_rate / 1e12,
+            "peak_memory_kind": ("weights_plus_kv_cache_plus_cuda_transient" if device.type == "cuda"
+                                 else "weights_plus_kv_cache"),
+            "errors": errors.get(name, {}),
+            "batch": rows[name],
         }
-        if baseline:
-            result["baseline"] = {}
-            for batch in sizes:
-                base = _measure(model, "generate", batch, prompt_len, new_tokens, repeats, device, step_cache)
-                result["baseline"][f"bs{batch}"] = base
-                row = batch_rows[f"bs{batch}"]
+    # what chose the path: each candidate's figures on the reference at the smallest batch size
+    sections[reference]["candidates"] = {p: {"decode_ms_per_token": c["decode_ms_per_token"],
+                                             "prefill_ms": c["prefill_ms"]} for p, c in candidates.items()}
+    return {"models": sections,
+            "speedup": {name: speedup(sections[name], sections[reference]) for name in sections if name != reference}}
+
+
+def measure_speed(model, device, batch_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int,
+                  *, paths: list[str] | None = None, baseline: bool = False) -> dict:
+    """Prefill and decode speed of one model per batch size, with floors (`compare_speed` of it alone).
+
+    `baseline=True` also times plain `model.generate` (the straightforward way) at every
+    batch size and records the ratio (`speedup_over_generate`).
+    """
+    device = torch.device(device)
+    result = compare_speed({"model": model}, device, batch_sizes, prompt_len, new_tokens, repeats,
+                           paths=paths)["models"]["model"]
+    result["process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if baseline:
+        result["baseline"] = {}
+        with torch.inference_mode():
+            for batch, row in batch_rows(result).items():
+                base = _measure(model, "generate", batch, prompt_len, new_tokens, repeats, device, {})
+                result["baseline"][batch_key(batch)] = base
                 row["speedup_over_generate"] = base["decode_ms_per_token"] / row["decode_ms_per_token"]
-    if {"compiled", "generate_static"} & set(paths):
-        torch._dynamo.reset()  # free this model's compiled graphs (and CUDA graph pools)
     return result
 
 

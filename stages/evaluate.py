@@ -1,28 +1,20 @@
-"""Stage `evaluate <base|pruned|retrained>`: perplexity, lm-eval tasks, speed -> reports/eval/<model>/metrics.json.
+"""Stage `evaluate <base|pruned|retrained>`: perplexity and lm-eval tasks -> reports/eval/<model>/metrics.json.
 
-For pruned and retrained models the base model's speed is measured again in the same run
-(same machine, same load) for `speedup`, and `retention` compares quality with
-reports/eval/base/metrics.json.
+For pruned and retrained models `retention` compares quality with reports/eval/base/metrics.json.
+Speed is not measured here: the `speed` stage times every model in one run.
 """
-import gc
 import time
 
 import torch
 import transformers
 
 from shear.data import load_domains
-from shear.evaluate import domain_perplexity, non_numeric_keys, retention, run_tasks, tokenizer_adds_bos
+from shear.evaluate import domain_perplexity, retention, run_tasks, tokenizer_adds_bos
 from shear.io import read_json, write_json
 from shear.models import count_parameters, load_model, pick_device, resolve_dtype
-from shear.paths import BASE_METRICS, BASE_MODEL, HELDOUT, MODEL_NAMES, SHARDS, metrics_file, model_dir
+from shear.paths import HELDOUT, MODEL_NAMES, SHARDS, metrics_file, model_dir
 from shear.plan import check_stage
-from shear.speed import measure_speed, speedup
-
-
-def speed_of(model, device, sp) -> dict:
-    """The speed section of metrics.json (shear.speed's decode/prefill benchmark)."""
-    return measure_speed(model, device, batch_sizes=sp.batch_sizes, prompt_len=sp.prompt_len,
-                         new_tokens=sp.new_tokens, repeats=sp.repeats, paths=sp.paths or None)
+from shear.records import REFERENCE_MODEL, EvalMetrics, ParameterCounts, non_numeric_keys
 
 
 def main(params, args):
@@ -35,41 +27,35 @@ def main(params, args):
     eval_splits = load_domains(SHARDS, "eval", tokenizer)  # refuses shards of another tokenizer
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
 
-    metrics = {"params": count_parameters(model)}
-    metrics |= domain_perplexity(model, eval_splits, ev.ppl_seq_lens, ev.ppl_max_tokens, ev.batch_size, bos)
-    metrics["tasks"] = run_tasks(model, tokenizer, ev.tasks, HELDOUT, ev.task_limit, ev.batch_size,
-                                 params.run.seed)
-    # Speed last: measure_speed turns the model to bf16 in place on CUDA.
-    metrics["speed"] = speed_of(model, device, ev.speed)
-    if name != "base":
-        metrics["retention"] = retention(metrics, read_json(BASE_METRICS))
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        base_model, _, _ = load_model(BASE_MODEL, dtype=dtype, device=device)
-        metrics["speedup"] = speedup(metrics["speed"], speed_of(base_model, device, ev.speed))
-    metrics["info"] = {
+    ppl = domain_perplexity(model, eval_splits, ev.ppl_seq_lens, ev.ppl_max_tokens, ev.batch_size, bos)
+    metrics = EvalMetrics(params=ParameterCounts(**count_parameters(model)), ppl=ppl["ppl"], loss=ppl["loss"],
+                          ppl_protocol=ppl["ppl_protocol"])
+    metrics.tasks = run_tasks(model, tokenizer, ev.tasks, HELDOUT, ev.task_limit, ev.batch_size, params.run.seed)
+    if name != REFERENCE_MODEL:
+        metrics.retention = retention(metrics.to_dict(), read_json(metrics_file(REFERENCE_MODEL)))
+    metrics.info = {
         "model": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "ppl_dtype": "float32",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # of the weights
+        "ppl_dtype": "float32",  # of the log-softmax and the loss sums (shear.nll), whatever the weights'
         "ppl_mean": "exp(mean over domains of the per-domain loss)",
         "bos_token": tokenizer.bos_token if bos is not None else "none",
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    bad = non_numeric_keys(metrics)
+    data = metrics.to_dict()
+    bad = non_numeric_keys(data)
     if bad:  # a bug, not user input: dvc metrics diff could not compare these
         raise TypeError(f"metrics.json: non-numeric values at {', '.join(bad)}")
-    write_json(metrics_file(name), metrics)
+    write_json(metrics_file(name), data)
 
-    for length, values in metrics["ppl"].items():
+    for length, values in metrics.ppl.items():
         print(f"evaluate {name}: ppl@{length} " + "  ".join(f"{d}={v:.2f}" for d, v in values.items()))
-    for task, values in metrics["tasks"].items():
+    for task, values in metrics.tasks.items():
         print(f"evaluate {name}: {task} acc={values.get('acc', float('nan')):.3f} "
               f"± {values.get('acc_stderr', float('nan')):.3f} (n={values.get('n')})")
-    print(f"evaluate {name}: wrote {metrics_file(name)} in {metrics['info']['wall_s']} s")
+    print(f"evaluate {name}: wrote {metrics_file(name)} in {metrics.info['wall_s']} s")
 
 
 def add_arguments(parser):

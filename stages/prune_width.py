@@ -1,7 +1,7 @@
 """Width pruning (prune.method=width): one-shot uniform pruning of data/models/base to prune.target.
 
 Keeps the most important query heads / KV groups, MLP neurons and hidden channels by
-reports/scores/width_<prune.width.criterion>.json, the same number in every layer, and
+data/scores/width_<prune.width.criterion>.safetensors, the same number in every layer, and
 drops the least important layers when the target has fewer; writes data/models/pruned/.
 """
 import dataclasses
@@ -9,7 +9,7 @@ import dataclasses
 from shear.errors import ShearError
 from shear.importance.width import read_width_scores
 from shear.models import count_parameters, load_model, save_model
-from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORES
+from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORE_TENSORS
 from shear.prune.shapes import resolve_target, source_shape
 from shear.prune.width import width_prune
 
@@ -21,7 +21,7 @@ def main(params, args):
     target = resolve_target(model.config, target_keys, prune.target.align, prune.target.tp_divisible)
 
     criterion = prune.width.criterion
-    scores_path = SCORES / f"width_{criterion}.json"
+    scores_path = SCORE_TENSORS / f"width_{criterion}.safetensors"
     if not scores_path.is_file():
         raise ShearError(f"{scores_path}: not found; add {criterion} to score.width_criteria "
                          "and run the score stage (dvc repro score)")

@@ -1,15 +1,24 @@
-"""Stage `report`: table and figures comparing base, pruned and retrained -> reports/report.md, reports/figures/."""
+"""Stage `report`: table and figures comparing base, pruned and retrained -> reports/report.md, reports/figures/.
+
+Quality from reports/eval/<model>/metrics.json, every speed figure from reports/speed.json
+(one run), how each model was made from data/models/<model>/shear.json.
+"""
 from shear.io import read_json
-from shear.paths import FIGURES, MODEL_NAMES, REPORT, metrics_file, model_dir
+from shear.paths import FIGURES, MODEL_NAMES, REPORT, SPEED, metrics_file, model_dir
+from shear.records import EvalMetrics, ModelRecord, SpeedRecord
 from shear.report import write_report
 
 
 def main(params, args):
-    metrics = {name: read_json(metrics_file(name)) for name in MODEL_NAMES}
+    metrics = {}
+    for name in MODEL_NAMES:
+        path = metrics_file(name)
+        metrics[name] = EvalMetrics.from_dict(read_json(path), str(path)).to_dict()  # checked, then as a dict
+    speed = SpeedRecord.from_dict(read_json(SPEED), str(SPEED))
     # shear.json says how each model was made and its shape (a missing one leaves "—" cells)
-    records = {name: read_json(model_dir(name) / "shear.json") for name in MODEL_NAMES
-               if (model_dir(name) / "shear.json").is_file()}
-    text = write_report(metrics, REPORT, FIGURES, records)
+    records = {name: ModelRecord.from_dict(read_json(path), str(path)) for name in MODEL_NAMES
+               if (path := model_dir(name) / "shear.json").is_file()}
+    text = write_report(metrics, REPORT, FIGURES, records, speed)
     table = text[text.index("| "):text.index("## How")]
     print(table, end="")
     print(f"report: wrote {REPORT} and {FIGURES}/")

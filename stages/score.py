@@ -1,4 +1,8 @@
-"""Stage `score`: block and width importance of data/models/base on the calibration set -> reports/scores/.
+"""Stage `score`: block and width importance of data/models/base on the calibration set.
+
+Block scores (a few numbers each) and width-score summaries, with their plots, go to
+reports/scores/ (in git); the width score tensors to data/scores/*.safetensors (DVC-cached:
+at 7B they are megabytes per criterion), which width pruning reads.
 
 When the memory plan says the model does not fit the device (or score.layerwise: true), the
 scores are computed one block at a time from the safetensors files (shear.importance.layerwise).
@@ -14,7 +18,7 @@ from shear.importance.layerwise import (
 from shear.importance.width import write_width_scores
 from shear.io import atomic_dir, write_json
 from shear.models import block_parameters, load_model, pick_device, resolve_dtype
-from shear.paths import BASE_MODEL, SCORES, SHARDS
+from shear.paths import BASE_MODEL, SCORE_TENSORS, SCORES, SHARDS
 from shear.plan import check_stage
 from shear.prune.depth import blocks_to_remove
 
@@ -38,7 +42,7 @@ def main(params, args):
     # angular's span length and sleb's steps: the number of blocks depth pruning removes
     n = blocks_to_remove(L, block_parameters(skeleton), depth.ratio, depth.num_blocks)
     memo = {}
-    with atomic_dir(SCORES) as tmp:
+    with atomic_dir(SCORES) as tmp, atomic_dir(SCORE_TENSORS) as tensors:
         for criterion in score.block_criteria:
             record = score_fn(model, calib, criterion, n=n, batch_size=score.batch_size,
                               keep_first=score.keep_first, keep_last=score.keep_last, seed=params.run.seed, memo=memo)
@@ -47,7 +51,7 @@ def main(params, args):
             print(f"score: {criterion:9s} removes blocks {removed_by(record)} of {L}")
         for criterion in score.width_criteria:
             scores = width_fn(model, calib, criterion, score.batch_size) if width_fn else None
-            write_width_scores(skeleton, calib, criterion, tmp, score.batch_size, scores=scores)
+            write_width_scores(skeleton, calib, criterion, tmp, tensors, score.batch_size, scores=scores)
             print(f"score: width {criterion} written")
 
 

@@ -235,6 +235,34 @@ def test_comparison_and_fronts():
     assert not table["r20cpt"]["front_size"] and table["r50cpt"]["front_speed"]
 
 
+def test_speed_file_gives_the_same_rows_as_legacy_metrics():
+    """Runs with reports/speed.json (the speed stage) compare as runs whose metrics carried their own speed."""
+    legacy = json.loads(EXP_SHOW)
+    new = json.loads(EXP_SHOW)
+
+    def move_speed(data):
+        metrics = (data or {}).get("metrics") or {}
+        models, speedup = {}, {}
+        for name in ("base", "retrained"):
+            m = metrics.get(f"reports/eval/{name}/metrics.json", {}).get("data")
+            if m is None:
+                continue
+            models[name] = m.pop("speed")
+            if "speedup" in m:
+                speedup[name] = m.pop("speedup")
+            # a stale figure in the metrics file must lose against the speed file
+            m["speed"] = {"batch": {"bs1": {"tokens_per_s": 1.0}}}
+        if models:
+            metrics["reports/speed.json"] = {"data": {"reference": "base", "models": models, "speedup": speedup}}
+
+    for entry in new:
+        move_speed(entry["data"])
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                move_speed(rev.get("data"))
+    assert comparison(experiments(new)) == comparison(experiments(legacy))
+
+
 def test_default_seq_len():
     runs = experiments(json.loads(EXP_SHOW))
     assert default_seq_len(runs, "retrained") == "128"

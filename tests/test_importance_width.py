@@ -1,12 +1,15 @@
 import copy
+import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from shear.errors import ShearError
-from shear.importance.width import (activation_scores, magnitude_scores, read_width_scores, taylor_scores,
-                                    width_scores, write_width_scores)
+from shear.importance.width import (activation_scores, read_width_scores, width_magnitude_scores, width_scores,
+                                    width_taylor_scores, write_width_scores)
 from shear.models import make_tiny_model
+from shear.records import WidthScoreSummary
 
 SPEC = "layers=2,hidden=48,heads=6,kv_heads=2,mlp=40,tied=0"  # head_dim 8, KV groups of 3
 CALIB = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -76,7 +79,7 @@ def test_taylor_sums_weight_times_gradient_over_each_unit(model):
     m.zero_grad()
     m(input_ids=CALIB, labels=CALIB).loss.backward()
     wg = {n: (p.detach() * p.grad).abs().double() for n, p in m.named_parameters()}
-    s = taylor_scores(model, CALIB, batch_size=2)
+    s = width_taylor_scores(model, CALIB, batch_size=2)
     pre = "model.layers.1."
     head2 = wg[pre + "self_attn.q_proj.weight"][16:24].sum() + wg[pre + "self_attn.o_proj.weight"][:, 16:24].sum()
     neuron9 = sum(wg[pre + f"mlp.{n}_proj.weight"][9].sum() for n in ("gate", "up")) + \
@@ -95,21 +98,28 @@ def test_taylor_sums_weight_times_gradient_over_each_unit(model):
 
 
 def test_magnitude_is_weight_norm_of_each_unit(model):
-    s = magnitude_scores(model)
+    s = width_magnitude_scores(model)
     a = model.model.layers[0].self_attn
     expected = torch.cat([a.q_proj.weight[8:16].flatten(), a.o_proj.weight[:, 8:16].flatten()]).double().norm()
     torch.testing.assert_close(s["heads"][0, 1], expected.detach())
 
 
 def test_write_and_read_roundtrip(model, tmp_path):
-    path = write_width_scores(model, CALIB, "activation", tmp_path, batch_size=4)
-    assert path == tmp_path / "width_activation.json" and (tmp_path / "width_activation.png").stat().st_size > 1000
+    path = write_width_scores(model, CALIB, "activation", tmp_path / "summary", tmp_path / "tensors", batch_size=4)
+    assert path == tmp_path / "tensors/width_activation.safetensors"
+    assert (tmp_path / "summary/width_activation.png").stat().st_size > 1000
+    summary = WidthScoreSummary.from_dict(json.loads((tmp_path / "summary/width_activation.json").read_text()), "s")
+    assert summary.file == path.name and summary.calibration == {"sequences": len(CALIB), "seq_len": CALIB.shape[1]}
     back = read_width_scores(path)
     fresh = activation_scores(model, CALIB, batch_size=4)
     for k, v in fresh.items():
+        assert summary.tensors[k] == list(v.shape)
         torch.testing.assert_close(back[k], v, rtol=1e-5, atol=0)
-    (tmp_path / "bad.json").write_text('{"criterion": "x"}')
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ShearError, match="not a readable safetensors file"):
+        read_width_scores(tmp_path / "garbage.safetensors")
+    safetensors.torch.save_file({"criterion": torch.zeros(1)}, tmp_path / "bad.safetensors")
     with pytest.raises(ShearError, match="not a width scores file"):
-        read_width_scores(tmp_path / "bad.json")
+        read_width_scores(tmp_path / "bad.safetensors")
     with pytest.raises(ShearError, match="unknown criterion 'l1'"):
         width_scores(model, CALIB, "l1", 4)

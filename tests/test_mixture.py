@@ -152,7 +152,8 @@ def test_heldout_rows_are_first_eval_rows(shards, tiny):
 
 def test_reference_losses_from_metrics_file(tmp_path):
     path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"loss": {"128": {"books": 3.1, "code": 1.2, "mean": 2.15},
+    path.write_text(json.dumps({"params": {"total": 10, "non_embedding": 5}, "ppl": {}, "ppl_protocol": {},
+                                "loss": {"128": {"books": 3.1, "code": 1.2, "mean": 2.15},
                                          "1024": {"books": 2.9, "code": 1.0}}}))
     assert reference_losses(path, {}, ["books", "code"]) == {"books": 3.1, "code": 1.2}
     assert reference_losses(path, None, ["books"], seq_len=1024) == {"books": 2.9}
@@ -165,6 +166,9 @@ def test_reference_losses_from_metrics_file(tmp_path):
         reference_losses(path, {}, ["books", "math"])
     with pytest.raises(ShearError, match="mixture.reference_loss names unknown domain 'poetry'"):
         reference_losses(path, {"poetry": 1.0}, ["books"])
+    path.write_text(json.dumps({"loss": {"128": {"books": 3.1}}}))  # not the evaluate stage's schema
+    with pytest.raises(ShearError, match="metrics.json: no 'params'"):
+        reference_losses(path, {}, ["books"])
 
 
 def test_log_mixture_and_plot(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shear.importance.width import magnitude_scores
+from shear.importance.width import width_magnitude_scores
 from shear.models import count_parameters, make_tiny_model, save_model
 from shear.prune.shapes import shape_parameters, source_shape
 from shear.prune.width import choose_units, slice_model, width_prune
@@ -126,7 +126,7 @@ def test_saved_sliced_model_reloads_and_generates_with_cache(tmp_path):
 
 def test_width_prune_keeps_top_units_and_hits_target():
     model, _ = make_model()
-    scores = magnitude_scores(model)
+    scores = width_magnitude_scores(model)
     # make the choice predictable: layer 1 unimportant, KV group 1 best, head 4 worst within it
     scores["layers"][1] = 0
     scores["kv_heads"][:, 1] += 100
@@ -152,7 +152,7 @@ def test_prune_width_stage(tmp_path, monkeypatch):
     model, tok = make_model()
     monkeypatch.chdir(tmp_path)
     save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
-    write_width_scores(model, IDS, "magnitude", tmp_path / "reports" / "scores", batch_size=2)
+    write_width_scores(model, IDS, "magnitude", tmp_path / "reports/scores", tmp_path / "data/scores", batch_size=2)
     budget = shape_parameters(source_shape(model.config), 0, True)["non_embedding"] // 2
     params = parse_params({"prune": {"method": "width", "width": {"criterion": "magnitude"},
                                      "target": {"params": budget, "align": 8}}})

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from shear.report import batch_speed, quality_rows, table_rows, write_report
+from shear.records import ModelRecord, SpeedRecord
+from shear.report import batch_speed, quality_rows, table_rows, with_speed, write_report
 
 
 def metrics_of(name: str, scale: float, params: int) -> dict:
@@ -32,12 +33,19 @@ def metrics_of(name: str, scale: float, params: int) -> dict:
     return m
 
 
+# With the speed sections of the one speed run merged in (as write_report does).
 METRICS = {"base": metrics_of("base", 1.0, 4000), "pruned": metrics_of("pruned", 2.0, 3000),
            "retrained": metrics_of("retrained", 1.25, 3000)}
-RECORDS = {"base": {"method": "base", "architecture": {"num_hidden_layers": 4, "hidden_size": 64,
-                                                       "num_attention_heads": 4, "num_key_value_heads": 2,
-                                                       "intermediate_size": 128}},
-           "pruned": {"method": "depth", "criterion": "ppl"}}
+# The same split as the stages write them: quality per model, speed of all models in one record.
+EVAL_ONLY = {n: {k: v for k, v in m.items() if k not in ("speed", "speedup")} for n, m in METRICS.items()}
+SPEED = SpeedRecord(reference="base", models={n: m["speed"] for n, m in METRICS.items()},
+                    speedup={n: m["speedup"] for n, m in METRICS.items() if "speedup" in m},
+                    info={"device": "cpu", "cpu": "test cpu", "load_average": 0.5})
+RECORD_DICTS = {"base": {"method": "base", "architecture": {"num_hidden_layers": 4, "hidden_size": 64,
+                                                            "num_attention_heads": 4, "num_key_value_heads": 2,
+                                                            "intermediate_size": 128, "head_dim": 16}},
+                "pruned": {"method": "depth", "criterion": "ppl"}}
+RECORDS = {n: ModelRecord.from_dict(r, n) for n, r in RECORD_DICTS.items()}
 
 
 def row(rows, label):
@@ -80,8 +88,17 @@ def test_quality_rows_use_shortest_length_and_smallest_batch():
     assert rows[2]["acc_mean"] == pytest.approx(0.4)
 
 
+def test_speed_comes_from_the_one_speed_run():
+    # a metrics file with a speed of its own (another run, another load) must not reach the report
+    stale = {n: dict(m, speed={"batch": {"bs1": {"tokens_per_s": 1.0, "decode_ms_per_token": 1000.0}}},
+                     speedup={"bs1": {"decode": 5.9}}) for n, m in EVAL_ONLY.items()}
+    merged = with_speed(stale, SPEED)
+    assert merged == METRICS
+    assert with_speed(stale, None) == EVAL_ONLY
+
+
 def test_write_report(tmp_path):
-    text = write_report(METRICS, tmp_path / "report.md", tmp_path / "figures", RECORDS)
+    text = write_report(EVAL_ONLY, tmp_path / "report.md", tmp_path / "figures", RECORDS, SPEED)
     assert (tmp_path / "report.md").read_text() == text
     assert "|  | base | pruned | retrained |" in text
     assert "| ppl@16 prose | 9.00 | 18.00 | 11.25 |" in text
@@ -98,18 +115,37 @@ def test_write_report(tmp_path):
     assert [r["label"] for r in speed] == [f"{m} · batch {b}" for m in METRICS for b in (1, 8)]
     with open(tmp_path / "figures/quality.csv") as f:
         assert [r["model"] for r in csv.DictReader(f)] == ["base", "pruned", "retrained"]
+    assert "| decode speed-up, batch 1 | — | 1.33× | 1.33× |" in text
+    assert "- **speed**: base, pruned, retrained timed in one run (cpu, test cpu, load 0.50)" in text
 
 
 def test_stage(tmp_path, monkeypatch, capsys):
     import stages.report as stage
 
     monkeypatch.chdir(tmp_path)
-    for name, m in METRICS.items():
+    for name, m in EVAL_ONLY.items():
         (tmp_path / "reports/eval" / name).mkdir(parents=True)
         (tmp_path / "reports/eval" / name / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "reports/speed.json").write_text(json.dumps(SPEED.to_dict()))
     (tmp_path / "data/models/pruned").mkdir(parents=True)
-    (tmp_path / "data/models/pruned/shear.json").write_text(json.dumps(RECORDS["pruned"]))
+    (tmp_path / "data/models/pruned/shear.json").write_text(json.dumps(RECORD_DICTS["pruned"]))
     stage.main(None, argparse.Namespace())
     assert "| made by | — | depth (ppl) | — |" in (tmp_path / "reports/report.md").read_text()
     assert (tmp_path / "reports/figures/quality.png").is_file()
-    assert "| ppl@64 mean | 4.50 | 9.00 | 5.62 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ppl@64 mean | 4.50 | 9.00 | 5.62 |" in out
+    assert "| decode tokens/s, batch 1 | 1000.0 | 1333.3 | 1333.3 |" in out
+
+
+def test_stage_refuses_a_bad_speed_file(tmp_path, monkeypatch):
+    import stages.report as stage
+    from shear.errors import ShearError
+
+    monkeypatch.chdir(tmp_path)
+    for name, m in EVAL_ONLY.items():
+        (tmp_path / "reports/eval" / name).mkdir(parents=True)
+        (tmp_path / "reports/eval" / name / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "reports/speed.json").write_text(json.dumps({"reference": "base", "models": {"base": {}}}))
+    with pytest.raises(ShearError, match=r"reports/speed.json models.base: no 'batch'"):
+        stage.main(None, argparse.Namespace())
+    assert not (tmp_path / "reports/report.md").exists()

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, StaticCache
 
 from shear.errors import ShearError
 from shear.models import make_tiny_model
-from shear.speed import floors, greedy_decode, ideal_speedup, kv_cache_bytes, measure_speed, speedup
+from shear.speed import compare_speed, floors, greedy_decode, ideal_speedup, kv_cache_bytes, measure_speed, speedup
 
 
 def _peaky(spec="layers=2,hidden=64,heads=4,kv_heads=2,mlp=128"):
@@ -140,3 +140,62 @@ def test_failing_path_is_recorded_and_skipped(monkeypatch):
     assert s["errors"] == {"compiled_bs1": "RuntimeError: no compiler here"}
     with pytest.raises(ShearError, match="not valid"):
         measure_speed(model, "cpu", [1], prompt_len=4, new_tokens=2, repeats=1, paths=["fast"])
+
+
+def test_compare_speed_interleaves_runs(monkeypatch):
+    """Every model is warmed up, then repeat r runs each model once starting from model r mod n."""
+    import shear.speed
+
+    names = {}
+    log = []
+
+    def fake_runner(model, path, batch, prompt_len, new_tokens, device, step_cache):
+        def run():
+            log.append((names[id(model)], batch))
+            return 1.0, float(model.config.num_hidden_layers)  # decode time grows with depth
+        return run, 1
+
+    monkeypatch.setattr(shear.speed, "_runner", fake_runner)
+    models = {}
+    for name, layers in (("base", 3), ("pruned", 2), ("retrained", 1)):
+        models[name], _ = make_tiny_model(f"layers={layers},hidden=32,heads=2,kv_heads=1,mlp=64", seed=0)
+        names[id(models[name])] = name
+    out = compare_speed(models, "cpu", [1, 2], prompt_len=4, new_tokens=3, repeats=3, paths=["eager"])
+    warm = [("base", 1), ("pruned", 1), ("retrained", 1)]
+    timed = [("base", 1), ("pruned", 1), ("retrained", 1), ("pruned", 1), ("retrained", 1), ("base", 1),
+             ("retrained", 1), ("base", 1), ("pruned", 1)]
+    assert log[:12] == warm + timed
+    assert [b for _, b in log[12:]] == [2] * 12
+    assert list(out["models"]) == ["base", "pruned", "retrained"] and list(out["speedup"]) == ["pruned", "retrained"]
+    assert out["speedup"]["pruned"]["bs1"]["decode"] == pytest.approx(3 / 2)
+    assert out["speedup"]["retrained"]["bs2"]["decode"] == pytest.approx(3.0)
+    assert out["models"]["pruned"]["batch"]["bs2"]["tokens_per_s"] == pytest.approx(2 * 1e3 / 2)
+
+
+def test_speed_stage(tmp_path, monkeypatch):
+    """The stage times base, pruned and retrained in one run; an identical retrained model is timed once."""
+    import argparse
+
+    import stages.speed as stage
+    from shear.config import Params, SpeedParams
+    from shear.models import save_model
+    from shear.records import SpeedRecord, non_numeric_keys
+
+    monkeypatch.chdir(tmp_path)
+    base, tok = make_tiny_model("layers=2,hidden=32,heads=2,kv_heads=1,mlp=64", seed=0)
+    pruned, _ = make_tiny_model("layers=1,hidden=32,heads=2,kv_heads=1,mlp=64", seed=0)
+    save_model(base, tok, "data/models/base", {"method": "base"})
+    save_model(pruned, tok, "data/models/pruned", {"method": "depth"})
+    save_model(pruned, tok, "data/models/retrained", {"method": "depth", "retrain": {"method": "none"}})
+    params = Params()
+    params.evaluate.speed = SpeedParams(batch_sizes=[1], prompt_len=4, new_tokens=2, repeats=1)
+    params.run.device = "cpu"
+    stage.main(params, argparse.Namespace())
+    data = json.loads((tmp_path / "reports/speed.json").read_text())
+    record = SpeedRecord.from_dict(data, "speed.json")
+    assert record.reference == "base" and set(record.models) == {"base", "pruned", "retrained"}
+    assert record.models["retrained"]["same_as"] == "pruned"
+    assert record.models["retrained"]["batch"] == record.models["pruned"]["batch"]
+    assert record.decode_speedup("retrained", 1) == record.decode_speedup("pruned", 1) > 0
+    assert record.decode_speedup("base", 1) == 1.0
+    assert non_numeric_keys(data, strings_allowed=("reference", "models", "info")) == []

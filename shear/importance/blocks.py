@@ -30,6 +30,8 @@ from tqdm import tqdm
 from shear.config import BLOCK_CRITERIA
 from shear.errors import ShearError
 from shear.models import lm_logits
+from shear.nll import logits_nll
+from shear.plots import pyplot, save_png
 from shear.prune.depth import blocks_removed, lowest, protected_blocks
 
 
@@ -41,11 +43,6 @@ def _batches(calib: torch.Tensor, batch_size: int, device):
 
 def _device(model):
     return next(model.parameters()).device
-
-
-def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood, in float32 whatever the model's dtype."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
 
 
 def block_states(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -77,7 +74,7 @@ def _suffix_nll(model, hidden: torch.Tensor, first: int, ids: torch.Tensor) -> t
     """
     with blocks_removed(model, range(first)):
         out = model.model(inputs_embeds=hidden, use_cache=False).last_hidden_state
-    return nll_sum(lm_logits(model, out), ids)
+    return logits_nll(lm_logits(model, out), ids)
 
 
 @torch.no_grad()
@@ -102,7 +99,7 @@ def ppl_scores_loop(model, calib: torch.Tensor, batch_size: int, progress: bool 
     for i in tqdm(range(L), desc="ppl (loop)", unit="block", leave=False, disable=not progress):
         with blocks_removed(model, [i]):
             for ids in _batches(calib, batch_size, _device(model)):
-                nll[i] += nll_sum(model(input_ids=ids, use_cache=False).logits, ids).item()
+                nll[i] += logits_nll(model(input_ids=ids, use_cache=False).logits, ids).item()
     tokens = calib.shape[0] * (calib.shape[1] - 1)
     return [math.exp(v / tokens) for v in nll.tolist()]
 
@@ -112,7 +109,7 @@ def unpruned_ppl(model, calib: torch.Tensor, batch_size: int) -> float:
     """Perplexity of the model as it is, on the same calibration rows."""
     nll = 0.0
     for ids in _batches(calib, batch_size, _device(model)):
-        nll += nll_sum(model(input_ids=ids, use_cache=False).logits, ids).item()
+        nll += logits_nll(model(input_ids=ids, use_cache=False).logits, ids).item()
     return math.exp(nll / (calib.shape[0] * (calib.shape[1] - 1)))
 
 
@@ -320,14 +317,9 @@ def removed_by(record: dict) -> list[int]:
 
 def plot_block_scores(record: dict, path: str | Path) -> None:
     """Bar chart of importance per block: removed blocks red, protected ones grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scores, removed, protected = record["scores"], set(removed_by(record)), set(record["protected"])
     colors = ["tab:red" if i in removed else "tab:gray" if i in protected else "tab:blue" for i in range(len(scores))]
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(scores)), 3.5))
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.3 * len(scores)), 3.5))
     ax.bar(range(len(scores)), scores, color=colors)
     title = f"{record['criterion']}: red = the {len(removed)} removed" + (", grey = protected" if protected else "")
     ylabel = "importance (higher = keep)"
@@ -340,5 +332,4 @@ def plot_block_scores(record: dict, path: str | Path) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

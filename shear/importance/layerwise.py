@@ -36,12 +36,12 @@ from shear.importance.blocks import (
     block_magnitude,
     block_record,
     cosine_sum,
-    nll_sum,
     random_scores,
     sleb_greedy,
 )
 from shear.importance.width import _group_sum, activation_scores
 from shear.models import check_supported
+from shear.nll import logits_nll
 
 LAYERWISE_BLOCK_CRITERIA = ("ppl", "ppl+", "bi", "angular", "sleb", "magnitude", "random")
 LAYERWISE_WIDTH_CRITERIA = ("activation",)
@@ -221,7 +221,7 @@ def layerwise_pass(source: CheckpointBlocks, calib: torch.Tensor, batch_size: in
         norm, head = source.head()
         if ppl:
             tokens = calib.shape[0] * (calib.shape[1] - 1)
-            nll = lambda xs: sum(nll_sum(head(norm(x)), ids).item() for x, ids in zip(xs, batches))  # noqa: E731
+            nll = lambda xs: sum(logits_nll(head(norm(x)), ids).item() for x, ids in zip(xs, batches))  # noqa: E731
             out["ppl"] = [math.exp(nll(streams[j]) / tokens) for j in kept]
             out["unpruned_ppl"] = math.exp(nll(h) / tokens)
         if activation:

@@ -29,14 +29,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 from tqdm import tqdm
 
 from shear.config import WIDTH_CRITERIA
 from shear.errors import ShearError
-from shear.io import atomic_file, read_json, write_json
+from shear.io import atomic_file, write_json
 from shear.models import block_norms, head_dim, norm_feeding
+from shear.plots import pyplot, save_png
 from shear.prune.shapes import source_shape
+from shear.records import ModelShape, WidthScoreSummary
 
 SCORE_KEYS = ("heads", "kv_heads", "mlp", "hidden", "hidden_layers", "layers")
 
@@ -51,7 +55,7 @@ def _group_sum(heads: torch.Tensor, n_kv: int) -> torch.Tensor:
     return heads.view(heads.shape[0], n_kv, -1).sum(-1)
 
 
-def _batches(calib: torch.Tensor, batch_size: int, device, desc: str):
+def _batches_with_progress(calib: torch.Tensor, batch_size: int, device, desc: str):
     for start in tqdm(range(0, len(calib), batch_size), desc=desc, unit="batch"):
         yield calib[start:start + batch_size].to(device)
 
@@ -99,7 +103,7 @@ def activation_scores(model, calib: torch.Tensor, batch_size: int) -> dict[str, 
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(calib, batch_size, device, "activation scores"):
+        for batch in _batches_with_progress(calib, batch_size, device, "activation scores"):
             model(input_ids=batch, use_cache=False)
     finally:
         for h in hooks:
@@ -148,13 +152,13 @@ def _weight_unit_sums(model, value) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def magnitude_scores(model) -> dict[str, torch.Tensor]:
+def width_magnitude_scores(model) -> dict[str, torch.Tensor]:
     """L2 norm of each unit's weights."""
     sums = _weight_unit_sums(model, lambda p: p.detach().double().pow(2).cpu())
     return {k: v.sqrt() for k, v in sums.items()}
 
 
-def taylor_scores(model, calib: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+def width_taylor_scores(model, calib: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
     """LLM-Pruner first-order importance: sum over a unit's weights of |W * dL/dW|."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -164,7 +168,7 @@ def taylor_scores(model, calib: torch.Tensor, batch_size: int) -> dict[str, torc
     for p in model.parameters():
         p.requires_grad_(True)
     try:
-        for batch in _batches(calib, batch_size, device, "taylor scores"):
+        for batch in _batches_with_progress(calib, batch_size, device, "taylor scores"):
             # mean loss over all calibration sequences: each batch weighs by its share
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss * (len(batch) / len(calib))
             loss.backward()
@@ -183,58 +187,55 @@ def width_scores(model, calib: torch.Tensor, criterion: str, batch_size: int) ->
     if criterion == "activation":
         return activation_scores(model, calib, batch_size)
     if criterion == "taylor":
-        return taylor_scores(model, calib, batch_size)
+        return width_taylor_scores(model, calib, batch_size)
     if criterion == "magnitude":
-        return magnitude_scores(model)
+        return width_magnitude_scores(model)
     raise ShearError(f"params.yaml: score.width_criteria has unknown criterion {criterion!r}; "
                      f"valid: {', '.join(WIDTH_CRITERIA)}")
 
 
-def _rounded(t: torch.Tensor):
-    """Nested lists with 6 significant digits (keeps the JSON small and the ranking stable)."""
-    if t.dim() == 0:
-        return float(f"{float(t):.6g}")
-    return [_rounded(x) for x in t]
-
-
-def write_width_scores(model, calib: torch.Tensor, criterion: str, out_dir: Path, batch_size: int,
-                       scores: dict[str, torch.Tensor] | None = None) -> Path:
-    """Score `model` (unless `scores` come computed, e.g. layer by layer) and write
-    `<out_dir>/width_<criterion>.json` and a heatmap `width_<criterion>.png`."""
+def write_width_scores(model, calib: torch.Tensor, criterion: str, summary_dir: Path, tensor_dir: Path,
+                       batch_size: int, scores: dict[str, torch.Tensor] | None = None) -> Path:
+    """Score `model` (unless `scores` come computed, e.g. layer by layer); write the tensors to `<tensor_dir>/width_<criterion>.safetensors` (float64, a
+    DVC-cached output) and a small summary `<summary_dir>/width_<criterion>.json` with a heatmap
+    `width_<criterion>.png` beside it (kept in git). Returns the tensor file's path."""
     scores = width_scores(model, calib, criterion, batch_size) if scores is None else scores
-    out_dir = Path(out_dir)
-    path = out_dir / f"width_{criterion}.json"
-    write_json(path, {
-        "criterion": criterion,
-        "shape": source_shape(model.config),
-        "calibration": None if criterion == "magnitude" else {"sequences": int(calib.shape[0]),
-                                                              "seq_len": int(calib.shape[1])},
-        **{k: _rounded(scores[k]) for k in SCORE_KEYS},
-    })
-    plot_width_scores(scores, criterion, out_dir / f"width_{criterion}.png")
-    return path
+    tensor_path = Path(tensor_dir) / f"width_{criterion}.safetensors"
+    tensors = {k: scores[k].double().contiguous() for k in SCORE_KEYS}
+    with atomic_file(tensor_path, "wb") as f:
+        f.write(safetensors.torch.save(tensors, metadata={"criterion": criterion}))
+    summary = WidthScoreSummary(
+        criterion=criterion, shape=ModelShape(**source_shape(model.config)),
+        calibration=None if criterion == "magnitude" else {"sequences": int(calib.shape[0]),
+                                                           "seq_len": int(calib.shape[1])},
+        tensors={k: list(t.shape) for k, t in tensors.items()}, file=tensor_path.name)
+    write_json(Path(summary_dir) / f"width_{criterion}.json", summary.to_dict())
+    plot_width_scores(scores, criterion, Path(summary_dir) / f"width_{criterion}.png")
+    return tensor_path
 
 
 def read_width_scores(path: str | Path) -> dict[str, torch.Tensor]:
-    """The score tensors of a `width_<criterion>.json` (keys as in `width_scores`)."""
-    data = read_json(path)
-    missing = [k for k in SCORE_KEYS if k not in data]
+    """The score tensors of a `width_<criterion>.safetensors` (keys as in `width_scores`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShearError(f"{path}: not found; run the score stage (dvc repro score)")
+    try:
+        tensors = safetensors.torch.load_file(path)
+    except (safetensors.SafetensorError, OSError) as e:
+        raise ShearError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
+                         "re-run the score stage") from None
+    missing = [k for k in SCORE_KEYS if k not in tensors]
     if missing:
         raise ShearError(f"{path}: not a width scores file (no {missing[0]!r}); re-run the score stage")
-    return {k: torch.tensor(data[k], dtype=torch.float64) for k in SCORE_KEYS}
+    return {k: tensors[k] for k in SCORE_KEYS}
 
 
 def plot_width_scores(scores: dict[str, torch.Tensor], criterion: str, path: Path) -> None:
     """Heatmaps (layer x unit) of head, MLP neuron and hidden channel scores, each row scaled to
     its max, and the layer scores as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("query heads", scores["heads"]), ("MLP neurons", scores["mlp"]),
               ("hidden channels (per layer)", scores["hidden_layers"])]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5), gridspec_kw={"width_ratios": [3, 3, 3, 1]})
+    fig, axes = pyplot().subplots(1, 4, figsize=(18, 4.5), gridspec_kw={"width_ratios": [3, 3, 3, 1]})
     for ax, (title, s) in zip(axes, panels):
         rows = s / s.abs().amax(1, keepdim=True).clamp_min(1e-30)  # compare units within a layer
         im = ax.imshow(rows.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
@@ -249,6 +250,4 @@ def plot_width_scores(scores: dict[str, torch.Tensor], criterion: str, path: Pat
     axes[3].set_xlabel("score")
     fig.suptitle(f"width importance: {criterion} (row-normalised)")
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
