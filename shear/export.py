@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from shear.errors import ShearError
+from shear.evaluate import tokenizer_adds_bos
 from shear.io import atomic_file
 from shear.models import head_dim
 
@@ -166,11 +167,10 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
     for i, added in backend.get_added_tokens_decoder().items():
         types[i] = 3 if added.special else 4  # CONTROL | USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges") or []]
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    probe, bare = (tokenizer("a", add_special_tokens=special)["input_ids"] for special in (True, False))
     meta: dict[str, Any] = {
         "model": "gpt2", "pre": llama_cpp_pre(spec), "tokens": tokens, "token_type": types, "merges": merges,
-        "add_bos": bool(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] != bare[:1]),
+        "add_bos": tokenizer_adds_bos(tokenizer),
         "add_eos": bool(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id] != bare[-1:]),
         "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
     }
@@ -335,3 +335,111 @@ def export_gguf(model, tokenizer, path: str | Path, fmt: str, record: dict[str, 
         writer.fout = None
     return {"path": str(path), "format": fmt, "bytes": Path(path).stat().st_size,
             "tensors": len(tensors), "f16_fallback": fallback}
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def reread_logits_error(model, path: str | Path, rows: torch.Tensor, reference=None) -> float:
+    """max |logits(file read by transformers' GGUF loader) - logits(reference)| / max |logits(reference)|.
+
+    `reference` defaults to `model`; pass a model whose weights are the format's dequantized
+    weights to check that the file loses nothing beyond the quantization itself.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    reread = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = (reference or model)(rows).logits
+        got = reread(rows).logits
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def quantized_copy(model, fmt: str):
+    """A copy of `model` whose weights went through `fmt`'s quantizer and back, as in the exported file
+    (2-D weights whose rows divide into blocks; 1-D tensors stay float32, the rest f16)."""
+    import copy
+
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[fmt.upper()]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            w = p.detach().cpu().numpy().astype(np.float32)
+            if w.ndim == 1:
+                continue
+            if w.shape[-1] % block or fmt == "f16":
+                back = w.astype(np.float16).astype(np.float32)
+            else:
+                back = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
+            p.copy_(torch.from_numpy(back.reshape(w.shape)))
+    return out
+
+
+def open_llama_cpp(path: str | Path, threads: int = 1, n_ctx: int = 512, logits_all: bool = False):
+    """A llama.cpp context on a GGUF file (llama-cpp-python, CPU), or one ShearError line when it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ShearError("llama-cpp-python is not installed; run `make setup-python` (it builds llama.cpp for the CPU)") from None
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                 n_batch=n_ctx, logits_all=logits_all, verbose=False)
+
+
+def llama_cpp_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt` by llama.cpp (argmax of each step's logits)."""
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def llama_cpp_perplexity(llm, rows: np.ndarray, bos_token_id: int | None = None) -> dict:
+    """llama.cpp's perplexity over `rows` [N, L] with the pipeline's protocol (shear/evaluate.py):
+    each row independent, next-token NLL over tokens 2..L (1..L with a prepended BOS)."""
+    nll, count = 0.0, 0
+    for row in rows:
+        ids = ([bos_token_id] if bos_token_id is not None else []) + [int(t) for t in row]
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return {"loss": nll / count, "ppl": math.exp(nll / count), "tokens": count}
+
+
+def llama_cpp_speed(llm, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int) -> dict:
+    """Batch-1 prompt and decode tokens/s of llama.cpp: median over `repeats` runs and the spread (min, max).
+
+    A fixed pseudo-random prompt (token ids are irrelevant to speed); decode is greedy, one
+    token per llama.cpp call, the way a chat client generates.
+    """
+    import time
+
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, vocab, prompt_tokens)]
+    llama_cpp_greedy(llm, prompt[:8], 2)  # warm-up: first-call allocations
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        prefill.append(prompt_tokens / (t1 - t0))
+        decode.append(new_tokens / (t2 - t1))
+    stat = lambda xs: {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}  # noqa: E731
+    return {"prompt_tokens_per_s": stat(prefill), "decode_tokens_per_s": stat(decode),
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats}
