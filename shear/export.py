@@ -443,3 +443,40 @@ def llama_cpp_speed(llm, prompt_tokens: int, new_tokens: int, repeats: int, voca
     stat = lambda xs: {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}  # noqa: E731
     return {"prompt_tokens_per_s": stat(prefill), "decode_tokens_per_s": stat(decode),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats}
+
+
+def measure_file(path: str | Path, model, rows: torch.Tensor, bos_token_id: int | None, threads: int,
+                 prompt_tokens: int, new_tokens: int, repeats: int, greedy_prompt: list[int]) -> dict:
+    """llama.cpp's figures for one exported file: perplexity on `rows` next to the pipeline's
+    (the checkpoint `model` in float32, shear.evaluate.perplexity, same rows and BOS), the
+    greedy continuation of `greedy_prompt` next to transformers' on the same file's weights,
+    and batch-1 prompt/decode speed."""
+    from transformers import AutoModelForCausalLM
+
+    from shear.evaluate import perplexity
+
+    path = Path(path)
+    n_ctx = max(rows.shape[1] + 1, prompt_tokens + new_tokens + 8, len(greedy_prompt) + new_tokens + 8)
+    llm = open_llama_cpp(path, threads=threads, n_ctx=n_ctx, logits_all=True)
+    theirs = llama_cpp_perplexity(llm, rows.numpy(), bos_token_id)
+    ours = perplexity(model, rows, batch_size=8, bos_token_id=bos_token_id)
+    reread = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    want = reread.generate(torch.tensor([greedy_prompt]), max_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)[0, len(greedy_prompt):].tolist()
+    got = llama_cpp_greedy(llm, greedy_prompt, new_tokens)
+    agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+    del reread
+    llm.close() if hasattr(llm, "close") else None
+    llm = open_llama_cpp(path, threads=threads, n_ctx=n_ctx)  # timing without all-position logits
+    speed = llama_cpp_speed(llm, prompt_tokens, new_tokens, repeats, model.config.vocab_size)
+    return {
+        "ppl_llama_cpp": theirs["ppl"], "ppl_pipeline": ours["ppl"],
+        "ppl_rel_diff": theirs["ppl"] / ours["ppl"] - 1, "ppl_tokens": theirs["tokens"],
+        "greedy_agree_tokens": agree, "greedy_tokens": len(want),
+        "decode_tokens_per_s": speed["decode_tokens_per_s"]["median"],
+        "decode_tokens_per_s_min": speed["decode_tokens_per_s"]["min"],
+        "decode_tokens_per_s_max": speed["decode_tokens_per_s"]["max"],
+        "prompt_tokens_per_s": speed["prompt_tokens_per_s"]["median"],
+        "prompt_tokens_per_s_min": speed["prompt_tokens_per_s"]["min"],
+        "prompt_tokens_per_s_max": speed["prompt_tokens_per_s"]["max"],
+    }
