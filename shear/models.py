@@ -47,7 +47,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ShearError("params.yaml: base.device=cuda but no CUDA device is visible; use auto or cpu")
+        raise ShearError("params.yaml: run.device=cuda but no CUDA device is visible; use auto or cpu")
     return torch.device(name)
 
 

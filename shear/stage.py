@@ -21,7 +21,7 @@ def run_stage(description: str, body: Callable[[Params, argparse.Namespace], Non
     offline()
     try:
         params = load_params(args.params)
-        seed_everything(params.base.seed)
+        seed_everything(params.run.seed)
         body(params, args)
     except ShearError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -140,7 +140,7 @@ def make_optimizer(model, lr: float, betas: list[float], weight_decay: float, fu
 
 
 def make_accelerator(device: str = "auto"):
-    """An `accelerate.Accelerator` for `base.device`: bf16 autocast on CUDA, gloo processes on CPU."""
+    """An `accelerate.Accelerator` for `run.device`: bf16 autocast on CUDA, gloo processes on CPU."""
     from accelerate import Accelerator
 
     cuda = pick_device(device).type == "cuda"

@@ -5,10 +5,11 @@ OUT = "data/models/base"
 
 
 def main(params, args):
-    model, tokenizer, origin = load_source(params.base.source, seed=params.base.seed)
+    model, tokenizer, origin = load_source(params.base.source, seed=params.run.seed)
     info = save_model(model, tokenizer, OUT, {"method": "base", **origin})
-    p = info["parameters"]
-    print(f"base: {params.base.source} -> {OUT} ({p['total']:,} parameters, {p['non_embedding']:,} non-embedding)")
+    counts = info["parameters"]
+    print(f"base: {params.base.source} -> {OUT} ({counts['total']:,} parameters, "
+          f"{counts['non_embedding']:,} non-embedding)")
 
 
 if __name__ == "__main__":

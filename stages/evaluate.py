@@ -28,7 +28,7 @@ def speed_of(model, device, sp) -> dict:
 
 def main(params, args):
     ev, name = params.evaluate, args.model
-    device = pick_device(params.base.device)
+    device = pick_device(params.run.device)
     started = time.perf_counter()
     model, tokenizer, _ = load_model(f"{MODELS}/{name}", device=device)
     eval_splits = load_domains(SHARDS, "eval", tokenizer)  # refuses shards of another tokenizer
@@ -37,7 +37,7 @@ def main(params, args):
     metrics = {"params": count_parameters(model)}
     metrics |= domain_perplexity(model, eval_splits, ev.ppl_seq_lens, ev.ppl_max_tokens, ev.batch_size, bos)
     metrics["tasks"] = run_tasks(model, tokenizer, ev.tasks, HELDOUT, ev.task_limit, ev.batch_size,
-                                 params.base.seed)
+                                 params.run.seed)
     # Speed last: measure_speed turns the model to bf16 in place on CUDA.
     metrics["speed"] = speed_of(model, device, ev.speed)
     if name != "base":

@@ -19,37 +19,38 @@ OUT = "data/models/pruned"
 
 
 def main(params, args):
-    p, s = params.prune, params.score
-    model, tokenizer, base_record = load_model(BASE, device=pick_device(params.base.device))
+    depth, score = params.prune.depth, params.score
+    model, tokenizer, base_record = load_model(BASE, device=pick_device(params.run.device))
     L = model.config.num_hidden_layers
-    scores_path = SCORES / f"block_{p.criterion}.json"
+    scores_path = SCORES / f"block_{depth.criterion}.json"
     record = read_json(scores_path)
     if len(record["scores"]) != L:
         raise ShearError(f"{scores_path}: scores {len(record['scores'])} blocks but {BASE} has {L}; "
                          "re-run the score stage (dvc repro score)")
-    n = blocks_to_remove(L, block_parameters(model), p.ratio, p.num_blocks)
-    protected = protected_blocks(p.criterion, L, s.keep_first, s.keep_last)
-    check_protected(n, L, protected, p.criterion, target_setting(p.ratio, p.num_blocks, n))
+    n = blocks_to_remove(L, block_parameters(model), depth.ratio, depth.num_blocks)
+    protected = protected_blocks(depth.criterion, L, score.keep_first, score.keep_last)
+    check_protected(n, L, protected, depth.criterion, target_setting(depth.ratio, depth.num_blocks, n))
     before = count_parameters(model)
 
     steps = None
-    if p.mode == "one_shot" or p.criterion == "sleb":
+    if depth.mode == "one_shot" or depth.criterion == "sleb":
         removed = select_blocks(record, n, protected)
         remove_blocks(model, removed)
     else:
-        calib = calibration_batch(SHARDS, s.calib_sequences, s.calib_seq_len, tokenizer)
-        base = p.criterion.rstrip("+")  # protection is applied by original index below
+        calib = calibration_batch(SHARDS, score.calib_sequences, score.calib_seq_len, tokenizer)
+        unprotected_criterion = depth.criterion.rstrip("+")  # protection is applied by original index below
 
         def rescore(m, k):
-            return block_scores(m, calib, base, n=k, batch_size=s.batch_size, seed=params.base.seed)[0]
+            return block_scores(m, calib, unprotected_criterion, n=k, batch_size=score.batch_size,
+                                seed=params.run.seed)[0]
 
         removed, steps = prune_iterative(model, n, record["scores"], rescore, protected)
 
     info = save_model(model, tokenizer, OUT, {
         "method": "depth",
         "source": base_record.get("source"),
-        "criterion": p.criterion,
-        "mode": p.mode,
+        "criterion": depth.criterion,
+        "mode": depth.mode,
         "removed_blocks": removed,
         "protected": protected,
         "scores": record["scores"],
@@ -57,7 +58,7 @@ def main(params, args):
         "parameters_before": before,
     })
     after = info["parameters"]
-    print(f"prune: depth/{p.criterion}/{p.mode} removed blocks {removed} of {L}: "
+    print(f"prune: depth/{depth.criterion}/{depth.mode} removed blocks {removed} of {L}: "
           f"{before['total']:,} -> {after['total']:,} parameters")
 
 

@@ -22,37 +22,38 @@ OUT, CHECKPOINTS, LOGS = "data/models/pruned", "data/checkpoints/prune", "report
 
 
 def main(params, args):
-    p, s, seed = params.prune, params.prune.sheared, params.base.seed
+    prune, sheared, mixture, seed = params.prune, params.prune.sheared, params.mixture, params.run.seed
     started = time.perf_counter()
-    device = pick_device(params.base.device)
+    device = pick_device(params.run.device)
     model, tokenizer, base_record = load_model(BASE)
-    target_keys = {k: v for k, v in dataclasses.asdict(p.target).items() if k != "align" and v is not None}
-    target = resolve_target(model.config, target_keys, p.target.align)
+    target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align" and v is not None}
+    target = resolve_target(model.config, target_keys, prune.target.align)
 
     domains = load_domains(SHARDS, "train", tokenizer)
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
-    reference = reference_losses(BASE_METRICS, params.mixture.reference_loss, list(domains)) if dynamic else None
-    sampler = build_sampler(kind, domains, s.seq_len, seed, params.data.domain_weights,
-                            reference, params.mixture.eta, params.mixture.smoothing)
-    heldout = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences) if dynamic else None
+    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains)) if dynamic else None
+    sampler = build_sampler(kind, domains, sheared.seq_len, seed, params.data.domain_weights,
+                            reference, mixture.eta, mixture.smoothing)
+    heldout = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences) if dynamic else None
 
     # Everything that defines the run: a checkpoint from any other run is not resumed.
     fingerprint = run_hash({
-        "sheared": dataclasses.asdict(s), "target": target, "data": {**dataclasses.asdict(params.data), "mixture": kind},
-        "mixture": dataclasses.asdict(params.mixture) if dynamic else None, "reference": reference,
+        "sheared": dataclasses.asdict(sheared), "target": target,
+        "data": {**dataclasses.asdict(params.data), "mixture": kind},
+        "mixture": dataclasses.asdict(mixture) if dynamic else None, "reference": reference,
         "seed": seed, "device": device.type, "base": read_json(f"{BASE}/shear.json"),
         "shards": load_manifest(SHARDS),
     })
     before = count_parameters(model)
     pruned, record = prune_sheared(
-        model, target, sampler, tokens=s.tokens, batch_size=s.batch_size, lr_model=s.lr_model,
-        lr_mask=s.lr_mask, lr_lambda=s.lr_lambda, warmup_fraction=s.warmup_fraction,
-        temperature=s.temperature, checkpoint_every=s.checkpoint_every, checkpoint_dir=CHECKPOINTS,
+        model, target, sampler, tokens=sheared.tokens, batch_size=sheared.batch_size, lr_model=sheared.lr_model,
+        lr_mask=sheared.lr_mask, lr_lambda=sheared.lr_lambda, warmup_fraction=sheared.lagrangian_warmup_fraction,
+        temperature=sheared.temperature, checkpoint_every=sheared.checkpoint_every, checkpoint_dir=CHECKPOINTS,
         log_dir=LOGS, fingerprint=fingerprint, device=device, seed=seed, heldout=heldout,
-        update_every=params.mixture.update_every)
+        update_every=mixture.update_every)
     if dynamic:
-        plot_weights(sampler, Path(LOGS) / "mixture_weights.png", params.mixture.update_every)
+        plot_weights(sampler, Path(LOGS) / "mixture_weights.png", mixture.update_every)
     info = save_model(pruned, tokenizer, OUT, {
         **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
         "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),

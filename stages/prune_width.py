@@ -1,7 +1,7 @@
 """Width pruning (prune.method=width): one-shot uniform pruning of data/models/base to prune.target.
 
 Keeps the most important query heads / KV groups, MLP neurons and hidden channels by
-reports/scores/width_<prune.width_criterion>.json, the same number in every layer, and
+reports/scores/width_<prune.width.criterion>.json, the same number in every layer, and
 drops the least important layers when the target has fewer; writes data/models/pruned/.
 """
 import dataclasses
@@ -18,14 +18,15 @@ OUT = "data/models/pruned"
 
 
 def main(params, args):
-    p = params.prune
+    prune = params.prune
     model, tokenizer, base_record = load_model(BASE)
-    target_keys = {k: v for k, v in dataclasses.asdict(p.target).items() if k != "align"}
-    target = resolve_target(model.config, target_keys, p.target.align)
+    target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align"}
+    target = resolve_target(model.config, target_keys, prune.target.align)
 
-    scores_path = SCORES / f"width_{p.width_criterion}.json"
+    criterion = prune.width.criterion
+    scores_path = SCORES / f"width_{criterion}.json"
     if not scores_path.is_file():
-        raise ShearError(f"{scores_path}: not found; add {p.width_criterion} to score.width_criteria "
+        raise ShearError(f"{scores_path}: not found; add {criterion} to score.width_criteria "
                          "and run the score stage (dvc repro score)")
     scores = read_width_scores(scores_path)
     src = source_shape(model.config)
@@ -40,15 +41,15 @@ def main(params, args):
     info = save_model(model, tokenizer, OUT, {
         **record,
         "source": base_record.get("source"),
-        "criterion": p.width_criterion,
+        "criterion": criterion,
         "scores_file": str(scores_path),
-        "align": p.target.align,
+        "align": prune.target.align,
         "requested_target": {k: v for k, v in target_keys.items() if v is not None},
         "parameters_before": before,
     })
     after = info["parameters"]
     dropped = f", dropped layers {record['removed_layers']}" if record["removed_layers"] else ""
-    print(f"prune: width/{p.width_criterion} -> {', '.join(f'{k}={v}' for k, v in target.items())}{dropped}: "
+    print(f"prune: width/{criterion} -> {', '.join(f'{k}={v}' for k, v in target.items())}{dropped}: "
           f"{before['non_embedding']:,} -> {after['non_embedding']:,} non-embedding parameters "
           f"({before['total']:,} -> {after['total']:,} total)")
 

@@ -53,14 +53,14 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accel
 
 def relaunch(params, args) -> int:
     """Run this stage again under `accelerate launch` with retrain.num_processes processes."""
-    p = params.retrain
-    fsdp = p.method == "cpt" and pick_device(params.base.device).type == "cuda"
-    with socket.socket() as s:  # a free port, so two runs on one machine do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    retrain = params.retrain
+    fsdp = retrain.method == "cpt" and pick_device(params.run.device).type == "cuda"
+    with socket.socket() as sock:  # a free port, so two runs on one machine do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(ACCELERATE_CONFIGS / ("fsdp.yaml" if fsdp else "ddp.yaml")),
-           "--num_processes", str(p.num_processes), "--num_machines", "1", "--main_process_port", str(port),
+           "--num_processes", str(retrain.num_processes), "--num_machines", "1", "--main_process_port", str(port),
            "-m", "stages.retrain", "--params", args.params]
     print("retrain: " + " ".join(cmd[1:]), flush=True)
     return subprocess.run(cmd).returncode
@@ -85,44 +85,44 @@ def copy_pruned(params) -> None:
 
 
 def main(params, args):
-    p = params.retrain
-    if p.method == "none":
+    retrain = params.retrain
+    if retrain.method == "none":
         copy_pruned(params)
         return
-    if p.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    if retrain.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         # The checks that need no model, before paying for N processes.
-        steps_for_budget(p.tokens, p.batch_size, p.seq_len, p.grad_accum, p.num_processes)
-        if p.distill > 0:
+        steps_for_budget(retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum, retrain.num_processes)
+        if retrain.distill > 0:
             require_teacher(BASE)
         if relaunch(params, args) != 0:
             raise ShearError("retrain: a training process failed (its error is printed above)")
         return
 
-    accelerator = make_accelerator(params.base.device)
+    accelerator = make_accelerator(params.run.device)
     is_main = accelerator.is_main_process
     model, tokenizer, record = load_model(PRUNED)
     domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
-    check_train_tokens(domains, p.seq_len, SHARDS)
-    teacher = load_teacher(BASE, model, accelerator.device) if p.distill > 0 else None
+    check_train_tokens(domains, retrain.seq_len, SHARDS)
+    teacher = load_teacher(BASE, model, accelerator.device) if retrain.distill > 0 else None
 
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
-    mx = params.mixture
-    reference = reference_losses(BASE_METRICS, mx.reference_loss, list(domains), EVAL_SEQ_LEN) if dynamic else None
-    sampler = build_sampler(kind, domains, p.seq_len, params.base.seed, params.data.domain_weights,
-                            reference, mx.eta, mx.smoothing)
-    rows = heldout_rows(SHARDS, tokenizer, mx.eval_sequences, EVAL_SEQ_LEN)
-    if p.method == "lora":
-        model = apply_lora(model, p.lora.r, p.lora.alpha, p.lora.dropout, p.lora.target_modules)
+    mixture = params.mixture
+    reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), EVAL_SEQ_LEN) if dynamic else None
+    sampler = build_sampler(kind, domains, retrain.seq_len, params.run.seed, params.data.domain_weights,
+                            reference, mixture.eta, mixture.smoothing)
+    rows = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, EVAL_SEQ_LEN)
+    if retrain.method == "lora":
+        model = apply_lora(model, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
 
     # What defines the final weights; checkpoint_every and eval_every do not, num_processes
     # counts through the actual world size.
     settings = {
-        "retrain": {k: v for k, v in dataclasses.asdict(p).items()
+        "retrain": {k: v for k, v in dataclasses.asdict(retrain).items()
                     if k not in ("checkpoint_every", "eval_every", "num_processes")},
         "data": {**dataclasses.asdict(params.data), "mixture": kind},
-        "mixture": dataclasses.asdict(mx) if dynamic else None,
-        "seed": params.base.seed,
+        "mixture": dataclasses.asdict(mixture) if dynamic else None,
+        "seed": params.run.seed,
         "world_size": accelerator.num_processes,
         "model": model_digest(PRUNED),
         "teacher": model_digest(BASE) if teacher is not None else None,
@@ -139,9 +139,9 @@ def main(params, args):
             trim_logs(LOGS, resume["step"])
         live = Live(dir=LOGS, resume=resume is not None, dvcyaml=None, save_dvc_exp=False, report=None)
     trained, summary = train(
-        model, sampler, p, accelerator, teacher=teacher, eval_rows=rows,
-        update_every=mx.update_every if dynamic else None, live=live, checkpoint_dir=CHECKPOINTS,
-        run_id=run_id, resume=resume, seed=params.base.seed,
+        model, sampler, retrain, accelerator, teacher=teacher, eval_rows=rows,
+        update_every=mixture.update_every if dynamic else None, live=live, checkpoint_dir=CHECKPOINTS,
+        run_id=run_id, resume=resume, seed=params.run.seed,
     )
     if is_main:
         save(params, kind, trained, tokenizer, record, summary, sampler, live)
@@ -151,21 +151,21 @@ def main(params, args):
 
 def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> None:
     """Rank 0: the retrained model with what was done in its shear.json, the mixture plot, the logs."""
-    p, mx = params.retrain, params.mixture
+    retrain, mixture = params.retrain, params.mixture
     summary |= {
-        "distill": p.distill, "distill_temperature": p.distill_temperature, "lr": p.lr,
-        "batch_size": p.batch_size, "seq_len": p.seq_len, "grad_accum": p.grad_accum,
+        "distill": retrain.distill, "distill_temperature": retrain.distill_temperature, "lr": retrain.lr,
+        "batch_size": retrain.batch_size, "seq_len": retrain.seq_len, "grad_accum": retrain.grad_accum,
         "mixture": kind,
     }
-    if p.method == "lora":
-        summary["lora"] = dataclasses.asdict(p.lora)
+    if retrain.method == "lora":
+        summary["lora"] = dataclasses.asdict(retrain.lora)
     if kind == "dynamic":
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
-        plot_weights(sampler, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mx.update_every)
+        plot_weights(sampler, Path(LOGS) / "plots" / "images" / "mixture_weights.png", mixture.update_every)
     save_model(trained, tokenizer, OUT, {**record, "retrain": summary})  # architecture and counts are refreshed
     live.end()
     before, after = summary["loss_before"], summary["loss_after"]
-    print(f"retrain: {p.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "
+    print(f"retrain: {retrain.method} {summary['tokens']:,} tokens in {summary['steps']} steps, {summary['train_s']} s; "
           f"held-out loss {before.get('mean', float('nan')):.4f} -> {after.get('mean', float('nan')):.4f} -> {OUT}")
 
 

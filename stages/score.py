@@ -12,23 +12,24 @@ BASE, SHARDS, OUT = "data/models/base", "data/shards", Path("reports/scores")
 
 
 def main(params, args):
-    s, p = params.score, params.prune
-    device = pick_device(params.base.device)
+    score, depth = params.score, params.prune.depth
+    device = pick_device(params.run.device)
     model, tokenizer, _ = load_model(BASE, device=device)
-    calib = calibration_batch(SHARDS, s.calib_sequences, s.calib_seq_len, tokenizer)
+    calib = calibration_batch(SHARDS, score.calib_sequences, score.calib_seq_len, tokenizer)
     L = model.config.num_hidden_layers
     # angular's span length and sleb's steps: the number of blocks depth pruning removes
-    n = blocks_to_remove(L, block_parameters(model), p.ratio, p.num_blocks)
+    n = blocks_to_remove(L, block_parameters(model), depth.ratio, depth.num_blocks)
     memo = {}
     with atomic_dir(OUT) as tmp:
-        for criterion in s.block_criteria:
-            record = score_blocks(model, calib, criterion, n=n, batch_size=s.batch_size, keep_first=s.keep_first,
-                                  keep_last=s.keep_last, seed=params.base.seed, memo=memo)
+        for criterion in score.block_criteria:
+            record = score_blocks(model, calib, criterion, n=n, batch_size=score.batch_size,
+                                  keep_first=score.keep_first, keep_last=score.keep_last, seed=params.run.seed,
+                                  memo=memo)
             write_json(tmp / f"block_{criterion}.json", record)
             plot_block_scores(record, tmp / f"block_{criterion}.png")
             print(f"score: {criterion:9s} removes blocks {removed_by(record)} of {L}")
-        for criterion in s.width_criteria:
-            write_width_scores(model, calib, criterion, tmp, s.batch_size)
+        for criterion in score.width_criteria:
+            write_width_scores(model, calib, criterion, tmp, score.batch_size)
             print(f"score: width {criterion} written")
 
 

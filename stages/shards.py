@@ -12,9 +12,9 @@ def main(params, args):
         tokenizer = AutoTokenizer.from_pretrained(MODEL)
     except (OSError, ValueError):
         raise ShearError(f"{MODEL}: no tokenizer here; run the base stage first") from None
-    s = params.shards
-    manifest = build_shards(RAW, tokenizer, OUT, s.seq_len, s.calib_fraction, s.eval_fraction,
-                            s.max_tokens_per_domain, params.base.seed)
+    shards = params.shards
+    manifest = build_shards(RAW, tokenizer, OUT, shards.seq_len, shards.calib_fraction, shards.eval_fraction,
+                            shards.max_tokens_per_domain, params.run.seed)
     for domain, splits in manifest["domains"].items():
         print(f"shards: {domain:14s} " + "  ".join(f"{k}={v['tokens']:,}" for k, v in splits.items()))
 

@@ -9,12 +9,12 @@ from shear.errors import ConfigError
 from tests.conftest import REPO
 
 BAD = [
-    ({"prune": {"ratio": 1.4}}, "params.yaml: prune.ratio=1.4 is out of range (0, 1)"),
-    ({"prune": {"ratio": 0}}, "params.yaml: prune.ratio=0.0 is out of range (0, 1)"),
+    ({"prune": {"depth": {"ratio": 1.4}}}, "params.yaml: prune.depth.ratio=1.4 is out of range (0, 1)"),
+    ({"prune": {"depth": {"ratio": 0}}}, "params.yaml: prune.depth.ratio=0.0 is out of range (0, 1)"),
     ({"prune": {"method": "magic"}}, "params.yaml: prune.method='magic' is not valid; choose one of depth, width, sheared"),
-    ({"prune": {"criterion": "vibes"}}, "params.yaml: prune.criterion='vibes' is not valid"),
-    ({"prune": {"rato": 0.2}}, "params.yaml: unknown key prune.rato; valid keys under prune: method"),
-    ({"bogus": 1}, "params.yaml: unknown key bogus; valid keys: base"),
+    ({"prune": {"depth": {"criterion": "vibes"}}}, "params.yaml: prune.depth.criterion='vibes' is not valid"),
+    ({"prune": {"depth": {"rato": 0.2}}}, "params.yaml: unknown key prune.depth.rato; valid keys under prune.depth: criterion"),
+    ({"bogus": 1}, "params.yaml: unknown key bogus; valid keys: run"),
     ({"retrain": {"tokens": "many"}}, "params.yaml: retrain.tokens='many' must be an integer"),
     ({"retrain": {"lora": {"r": 0}}}, "params.yaml: retrain.lora.r=0 is out of range [1, inf]"),
     ({"retrain": {"distill": 1.5}}, "params.yaml: retrain.distill=1.5 is out of range [0, 1]"),
@@ -24,7 +24,9 @@ BAD = [
     ({"data": {"mixture": "random"}}, "data.mixture='random' is not valid; choose one of auto, fixed, dynamic"),
     ({"retrain": {"betas": [0.9, 1.5]}}, "retrain.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     ({"evaluate": {"speed": {"batch_sizes": 4}}}, "evaluate.speed.batch_sizes=4 must be a list of an integer"),
-    ({"base": {"device": "tpu"}}, "base.device='tpu' is not valid; choose one of auto, cpu, cuda"),
+    ({"run": {"device": "tpu"}}, "run.device='tpu' is not valid; choose one of auto, cpu, cuda"),
+    ({"run": {"dtype": "float16"}}, "run.dtype='float16' is not valid; choose one of auto, float32, bfloat16"),
+    ({"prune": {"sheared": {"warmup_fraction": 0.2}}}, "unknown key prune.sheared.warmup_fraction"),
 ]
 
 

@@ -92,7 +92,7 @@ def test_stage_metrics_schema(tmp_path, monkeypatch, tiny, raw_corpus, stage):
     params = Params(evaluate=EvaluateParams(ppl_seq_lens=[16, 4096], ppl_max_tokens=1024, batch_size=16, tasks=[],
                                             speed=SpeedParams(batch_sizes=[1, 2], prompt_len=8, new_tokens=2,
                                                               repeats=1)))
-    params.base.device = "cpu"
+    params.run.device = "cpu"
 
     stage.main(params, argparse.Namespace(model="base"))
     base = json.loads((tmp_path / "reports/eval/base/metrics.json").read_text())

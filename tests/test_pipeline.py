@@ -36,13 +36,14 @@ def sh(cmd: str, cwd: Path) -> str:
 
 
 TINY_PARAMS = {
-    "base": {"source": "tiny:layers=6,hidden=64,heads=4,kv_heads=2,mlp=128", "seed": 0, "device": "cpu"},
+    "run": {"seed": 0, "device": "cpu"},
+    "base": {"source": "tiny:layers=6,hidden=64,heads=4,kv_heads=2,mlp=128"},
     "corpus": {"domains": ["code"], "max_chars_per_domain": 150_000, "heldout_docs": 10,
                "user_sources": [{"domain": "books", "path": "texts/*.txt", "format": "text", "license": "PSF-2.0"}]},
     "shards": {"seq_len": 64, "calib_fraction": 0.1, "eval_fraction": 0.1, "max_tokens_per_domain": 60_000},
     "score": {"block_criteria": ["ppl", "bi", "taylor+"], "width_criteria": ["magnitude"], "calib_sequences": 4,
               "calib_seq_len": 32, "batch_size": 4, "keep_first": 1, "keep_last": 1},
-    "prune": {"method": "depth", "criterion": "ppl", "ratio": 0.34},
+    "prune": {"method": "depth", "depth": {"criterion": "ppl", "ratio": 0.34}},
     "retrain": {"method": "lora", "tokens": 2048, "batch_size": 2, "seq_len": 32, "checkpoint_every": 4,
                 "eval_every": 8},
     "evaluate": {"ppl_seq_lens": [32, 64], "ppl_max_tokens": 2048, "batch_size": 4, "tasks": ["shear_lastword"],

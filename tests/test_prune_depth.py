@@ -23,10 +23,10 @@ def test_ratio_rounds_to_whole_blocks():
 
 
 @pytest.mark.parametrize("ratio, num_blocks, message", [
-    (0.01, None, r"prune.ratio=0.01 removes no block of 30 \(rounds to 0\); valid: prune.ratio in \[0.0167, 0.983\)"),
-    (0.99, None, r"prune.ratio=0.99 removes every block \(30 of 30\)"),
-    (None, 30, r"prune.num_blocks=30 removes every block .*prune.num_blocks in 1..29"),
-    (None, None, r"needs prune.ratio"),
+    (0.01, None, r"prune.depth.ratio=0.01 removes no block of 30 \(rounds to 0\); valid: prune.depth.ratio in \[0.0167, 0.983\)"),
+    (0.99, None, r"prune.depth.ratio=0.99 removes every block \(30 of 30\)"),
+    (None, 30, r"prune.depth.num_blocks=30 removes every block .*prune.depth.num_blocks in 1..29"),
+    (None, None, r"needs prune.depth.ratio"),
 ])
 def test_bad_targets_are_refused(ratio, num_blocks, message):
     with pytest.raises(ShearError, match=message):
@@ -37,9 +37,9 @@ def test_protected_blocks_and_conflicts():
     assert protected_blocks("ppl", 30, 4, 2) == []
     assert protected_blocks("taylor+", 30, 4, 2) == [0, 1, 2, 3, 28, 29]
     with pytest.raises(ShearError) as e:
-        check_protected(26, 30, protected_blocks("ppl+", 30, 4, 2), "ppl+", "prune.num_blocks=26")
-    assert str(e.value) == "params.yaml: prune.num_blocks=26 conflicts with ppl+ protecting 6 of 30 blocks; valid: 1..24"
-    check_protected(24, 30, protected_blocks("ppl+", 30, 4, 2), "ppl+", "prune.num_blocks=24")
+        check_protected(26, 30, protected_blocks("ppl+", 30, 4, 2), "ppl+", "prune.depth.num_blocks=26")
+    assert str(e.value) == "params.yaml: prune.depth.num_blocks=26 conflicts with ppl+ protecting 6 of 30 blocks; valid: 1..24"
+    check_protected(24, 30, protected_blocks("ppl+", 30, 4, 2), "ppl+", "prune.depth.num_blocks=24")
     with pytest.raises(ShearError, match="unknown block criterion 'depth'"):
         protected_blocks("depth", 30, 4, 2)
 
@@ -129,16 +129,16 @@ def test_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
     assert torch.equal(cached, uncached)
 
 
-def stage_params(**prune) -> Params:
+def stage_params(**depth) -> Params:
     params = Params()
     params.score.block_criteria = ["ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "sleb", "random"]
     params.score.width_criteria = []
     params.score.calib_sequences, params.score.calib_seq_len, params.score.batch_size = 4, 32, 2
     params.score.keep_first, params.score.keep_last = 1, 1
-    params.base.device = "cpu"
-    params.prune.ratio = 0.5  # 2 of 4 blocks
-    for key, value in prune.items():
-        setattr(params.prune, key, value)
+    params.run.device = "cpu"
+    params.prune.depth.ratio = 0.5  # 2 of 4 blocks
+    for key, value in depth.items():
+        setattr(params.prune.depth, key, value)
     return params
 
 
@@ -172,5 +172,5 @@ def test_score_and_prune_stages(tmp_path, monkeypatch, tiny, shards):
     taylor = read_json("reports/scores/block_taylor.json")["scores"]
     assert info["removed_blocks"][0] == min(range(4), key=taylor.__getitem__)
 
-    with pytest.raises(ShearError, match="prune.num_blocks=3 conflicts with ppl\\+ protecting 2 of 4 blocks; valid: 1..2"):
+    with pytest.raises(ShearError, match="prune.depth.num_blocks=3 conflicts with ppl\\+ protecting 2 of 4 blocks; valid: 1..2"):
         prune.main(stage_params(criterion="ppl+", ratio=None, num_blocks=3), None)

@@ -154,7 +154,7 @@ def test_prune_width_stage(tmp_path, monkeypatch):
     save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
     write_width_scores(model, IDS, "magnitude", tmp_path / "reports" / "scores", batch_size=2)
     budget = shape_parameters(source_shape(model.config), 0, True)["non_embedding"] // 2
-    params = parse_params({"prune": {"method": "width", "width_criterion": "magnitude",
+    params = parse_params({"prune": {"method": "width", "width": {"criterion": "magnitude"},
                                      "target": {"params": budget, "align": 8}}})
     prune.main(params, None)  # the stage: dispatches to stages/prune_width.py
     pruned, _, record = load_model("data/models/pruned")

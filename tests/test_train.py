@@ -184,7 +184,7 @@ def test_two_process_stage(tmp_path, raw_corpus):
                  max_tokens_per_domain=200_000, seed=0)
     save_model(model, tok, tmp_path / "data/models/pruned", {"method": "test"})
     params = {
-        "base": {"device": "cpu"},
+        "run": {"device": "cpu"},
         "mixture": {"eval_sequences": 4},
         "retrain": {"method": "cpt", "tokens": 6 * 2 * 2 * SEQ, "batch_size": 2, "seq_len": SEQ, "lr": 3e-3,
                     "warmup_fraction": 0.0, "num_processes": 2, "checkpoint_every": 4, "eval_every": 3},

@@ -77,15 +77,15 @@ def blocks_to_remove(num_layers: int, block_params: int, ratio: float | None, nu
     fraction of the blocks, rounded half up to a whole block (0.2 of 30 blocks -> 6).
     """
     if num_blocks is not None:
-        n, setting = num_blocks, f"prune.num_blocks={num_blocks}"
+        n, setting = num_blocks, f"prune.depth.num_blocks={num_blocks}"
     elif ratio is not None:
         per_block = block_params / num_layers
         n = math.floor(ratio * block_params / per_block + 0.5)
-        setting = f"prune.ratio={ratio:g}"
+        setting = f"prune.depth.ratio={ratio:g}"
     else:
-        raise ShearError("params.yaml: depth pruning needs prune.ratio in (0, 1) or prune.num_blocks >= 1")
-    valid = (f"valid: prune.ratio in [{0.5 / num_layers:.3g}, {(num_layers - 0.5) / num_layers:.3g}) "
-             f"or prune.num_blocks in 1..{num_layers - 1}")
+        raise ShearError("params.yaml: depth pruning needs prune.depth.ratio in (0, 1) or prune.depth.num_blocks >= 1")
+    valid = (f"valid: prune.depth.ratio in [{0.5 / num_layers:.3g}, {(num_layers - 0.5) / num_layers:.3g}) "
+             f"or prune.depth.num_blocks in 1..{num_layers - 1}")
     if n < 1:
         raise ShearError(f"params.yaml: {setting} removes no block of {num_layers} (rounds to 0); {valid}")
     if n >= num_layers:
@@ -96,8 +96,8 @@ def blocks_to_remove(num_layers: int, block_params: int, ratio: float | None, nu
 def target_setting(ratio: float | None, num_blocks: int | None, n: int) -> str:
     """How the user asked for `n` blocks, for error messages."""
     if num_blocks is not None:
-        return f"prune.num_blocks={num_blocks}"
-    return f"prune.ratio={ratio:g} ({n} blocks)"
+        return f"prune.depth.num_blocks={num_blocks}"
+    return f"prune.depth.ratio={ratio:g} ({n} blocks)"
 
 
 def protected_blocks(criterion: str, num_layers: int, keep_first: int, keep_last: int) -> list[int]:
