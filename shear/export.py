@@ -466,7 +466,7 @@ def measure_file(path: str | Path, model, rows: torch.Tensor, bos_token_id: int 
     got = llama_cpp_greedy(llm, greedy_prompt, new_tokens)
     agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
     del reread
-    llm.close() if hasattr(llm, "close") else None
+    llm.close()
     llm = open_llama_cpp(path, threads=threads, n_ctx=n_ctx)  # timing without all-position logits
     speed = llama_cpp_speed(llm, prompt_tokens, new_tokens, repeats, model.config.vocab_size)
     return {
