@@ -155,3 +155,33 @@ def test_llama_cpp_runs_the_file_like_transformers(tmp_path, tiny_bpe):
     mine = perplexity(model, x, batch_size=3)
     assert abs(theirs["ppl"] / mine["ppl"] - 1) < 0.01
     assert np.isfinite(theirs["loss"])
+
+
+def test_export_stage_writes_files_and_metrics(tmp_path, monkeypatch, tiny, shards):
+    """The stage on tiny base + retrained checkpoints: the files of export.models only, metrics for
+    base and each exported model in each format (llama.cpp figures when llama.cpp is installed)."""
+    import shutil
+
+    from shear.config import parse_params
+    from shear.io import read_json
+    from shear.models import save_model
+    from shear.prune.depth import remove_blocks
+    from stages import export
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(shards, "data/shards")
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    save_model(remove_blocks(model, [1]), tok, "data/models/retrained", {"method": "depth", "removed_blocks": [1]})
+    params = parse_params({"export": {"formats": ["f16", "q4_0"], "ppl_seq_len": 32, "ppl_sequences": 4,
+                                      "speed": {"prompt_tokens": 16, "new_tokens": 4, "repeats": 1,
+                                                "greedy_prompt_tokens": 8}}})
+    export.main(params, None)
+    assert sorted(p.name for p in (tmp_path / "data/export").iterdir()) == ["retrained-f16.gguf", "retrained-q4_0.gguf"]
+    metrics = read_json("reports/export/metrics.json")
+    assert metrics["retrained"]["ideal_speedup"] == pytest.approx(4 / 3, rel=0.01)
+    assert metrics["retrained"]["f16"]["reread_logits_rel_error"] < 1e-3
+    assert metrics["base"]["q4_0"]["file_bytes"] > metrics["retrained"]["q4_0"]["file_bytes"]
+    if HAS_LLAMA_CPP:
+        row = metrics["retrained"]["f16"]
+        assert abs(row["ppl_rel_diff"]) < 0.01 and row["decode_tokens_per_s"] > 0 and row["decode_speedup"] > 0
