@@ -440,7 +440,7 @@ def llama_cpp_speed(llm, prompt_tokens: int, new_tokens: int, repeats: int, voca
         t2 = time.perf_counter()
         prefill.append(prompt_tokens / (t1 - t0))
         decode.append(new_tokens / (t2 - t1))
-    stat = lambda xs: {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}  # noqa: E731
+    stat = lambda xs: {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
     return {"prompt_tokens_per_s": stat(prefill), "decode_tokens_per_s": stat(decode),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats}
 

@@ -139,8 +139,8 @@ def test_refused_architecture_gives_one_line_and_no_file(tmp_path, tiny):
 @needs_llama_cpp
 def test_llama_cpp_runs_the_file_like_transformers(tmp_path, tiny_bpe):
     """llama.cpp tokenizes like the checkpoint, its logits match, and its greedy continuation is ours."""
-    from shear.export import llama_cpp_greedy, llama_cpp_perplexity, open_llama_cpp
     from shear.evaluate import perplexity
+    from shear.export import llama_cpp_greedy, llama_cpp_perplexity, open_llama_cpp
 
     model, tok = tiny_bpe
     path = tmp_path / "l-f16.gguf"
