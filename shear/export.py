@@ -417,17 +417,17 @@ def llama_cpp_perplexity(llm, rows: np.ndarray, bos_token_id: int | None = None)
     return {"loss": nll / count, "ppl": math.exp(nll / count), "tokens": count}
 
 
-def llama_cpp_speed(llm, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int) -> dict:
-    """Batch-1 prompt and decode tokens/s of llama.cpp: median over `repeats` runs and the spread (min, max).
+def llama_cpp_speed_runs(llm, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int) -> list[tuple[float, float]]:
+    """`repeats` batch-1 runs of llama.cpp: (prompt tokens/s, decode tokens/s) each.
 
-    A fixed pseudo-random prompt (token ids are irrelevant to speed); decode is greedy, one
+    A fixed pseudo-random prompt (token ids do not change the speed); decode is greedy, one
     token per llama.cpp call, the way a chat client generates.
     """
     import time
 
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, vocab, prompt_tokens)]
     llama_cpp_greedy(llm, prompt[:8], 2)  # warm-up: first-call allocations
-    prefill, decode = [], []
+    runs = []
     for _ in range(repeats):
         llm.reset()
         t0 = time.perf_counter()
@@ -437,46 +437,42 @@ def llama_cpp_speed(llm, prompt_tokens: int, new_tokens: int, repeats: int, voca
         for _ in range(new_tokens):
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t2 = time.perf_counter()
-        prefill.append(prompt_tokens / (t1 - t0))
-        decode.append(new_tokens / (t2 - t1))
-    stat = lambda xs: {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
-    return {"prompt_tokens_per_s": stat(prefill), "decode_tokens_per_s": stat(decode),
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats}
+        runs.append((prompt_tokens / (t1 - t0), new_tokens / (time.perf_counter() - t1)))
+    return runs
 
 
-def measure_file(path: str | Path, model, rows: torch.Tensor, bos_token_id: int | None, threads: int,
-                 prompt_tokens: int, new_tokens: int, repeats: int, greedy_prompt: list[int]) -> dict:
-    """llama.cpp's figures for one exported file: perplexity on `rows` next to the pipeline's
-    (the checkpoint `model` in float32, shear.evaluate.perplexity, same rows and BOS), the
-    greedy continuation of `greedy_prompt` next to transformers' on the same file's weights,
-    and batch-1 prompt/decode speed."""
+def speed_summary(runs: list[tuple[float, float]]) -> dict:
+    """Median and spread (min, max) of prompt and decode tokens/s over runs."""
+    out = {}
+    for kind, values in (("prompt", [r[0] for r in runs]), ("decode", [r[1] for r in runs])):
+        out[f"{kind}_tokens_per_s"] = float(np.median(values))
+        out[f"{kind}_tokens_per_s_min"] = float(min(values))
+        out[f"{kind}_tokens_per_s_max"] = float(max(values))
+    return out
+
+
+def check_file(path: str | Path, model, rows: torch.Tensor, bos_token_id: int | None, threads: int,
+               greedy_prompt: list[int], new_tokens: int) -> dict:
+    """llama.cpp against the pipeline on one exported file: perplexity on `rows` next to the
+    pipeline's (the checkpoint `model` in float32, shear.evaluate.perplexity, same rows and BOS),
+    and the greedy continuation of `greedy_prompt` next to transformers' on the same file's weights."""
     from transformers import AutoModelForCausalLM
 
     from shear.evaluate import perplexity
 
     path = Path(path)
-    n_ctx = max(rows.shape[1] + 1, prompt_tokens + new_tokens + 8, len(greedy_prompt) + new_tokens + 8)
-    llm = open_llama_cpp(path, threads=threads, n_ctx=n_ctx, logits_all=True)
+    llm = open_llama_cpp(path, threads=threads, n_ctx=max(rows.shape[1] + 1, len(greedy_prompt) + new_tokens + 8),
+                         logits_all=True)
     theirs = llama_cpp_perplexity(llm, rows.numpy(), bos_token_id)
     ours = perplexity(model, rows, batch_size=8, bos_token_id=bos_token_id)
     reread = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     want = reread.generate(torch.tensor([greedy_prompt]), max_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=0)[0, len(greedy_prompt):].tolist()
     got = llama_cpp_greedy(llm, greedy_prompt, new_tokens)
-    agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
-    del reread
     llm.close()
-    llm = open_llama_cpp(path, threads=threads, n_ctx=n_ctx)  # timing without all-position logits
-    speed = llama_cpp_speed(llm, prompt_tokens, new_tokens, repeats, model.config.vocab_size)
     return {
         "ppl_llama_cpp": theirs["ppl"], "ppl_pipeline": ours["ppl"],
         "ppl_rel_diff": theirs["ppl"] / ours["ppl"] - 1, "ppl_tokens": theirs["tokens"],
-        "greedy_agree_tokens": agree, "greedy_tokens": len(want),
-        "decode_tokens_per_s": speed["decode_tokens_per_s"]["median"],
-        "decode_tokens_per_s_min": speed["decode_tokens_per_s"]["min"],
-        "decode_tokens_per_s_max": speed["decode_tokens_per_s"]["max"],
-        "prompt_tokens_per_s": speed["prompt_tokens_per_s"]["median"],
-        "prompt_tokens_per_s_min": speed["prompt_tokens_per_s"]["min"],
-        "prompt_tokens_per_s_max": speed["prompt_tokens_per_s"]["max"],
+        "greedy_agree_tokens": next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want)),
+        "greedy_tokens": len(want),
     }

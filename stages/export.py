@@ -14,7 +14,14 @@ from pathlib import Path
 
 from shear.data import calibration_batch
 from shear.evaluate import tokenizer_adds_bos
-from shear.export import export_gguf, measure_file, reread_logits_error
+from shear.export import (
+    check_file,
+    export_gguf,
+    llama_cpp_speed_runs,
+    open_llama_cpp,
+    reread_logits_error,
+    speed_summary,
+)
 from shear.io import atomic_dir, write_json
 from shear.models import count_parameters, load_model
 from shear.speed import ideal_speedup, machine_info
@@ -44,8 +51,12 @@ def main(params, args):
                 row = {"file_bytes": info["bytes"], "f16_fallback_tensors": len(info["f16_fallback"]),
                        "reread_logits_rel_error": reread_logits_error(model, folder / f"{name}-{fmt}.gguf", rows[:2])}
                 if has_llama_cpp:
-                    row |= measure_file(folder / f"{name}-{fmt}.gguf", model, rows, bos, ex.threads,
-                                        ex.speed.prompt_tokens, ex.speed.new_tokens, ex.speed.repeats, prompt)
+                    path, sp = folder / f"{name}-{fmt}.gguf", ex.speed
+                    row |= check_file(path, model, rows, bos, ex.threads, prompt, sp.new_tokens)
+                    llm = open_llama_cpp(path, ex.threads, n_ctx=sp.prompt_tokens + sp.new_tokens + 8)
+                    row |= speed_summary(llama_cpp_speed_runs(llm, sp.prompt_tokens, sp.new_tokens, sp.repeats,
+                                                              model.config.vocab_size))
+                    llm.close()
                     if name != "base":
                         base = metrics["base"][fmt]
                         for kind in ("decode", "prompt"):
