@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
           f"Command: `python -m bench.llamacpp_speed {' '.join(argv) if argv else ''}`.\n\n"
           + table(results, args.formats)
           + "\n## The files, read back by others\n\n"
-          f"transformers' GGUF reader vs the checkpoint (max |diff| / max |logit|, 2 rows of 128 tokens); llama.cpp "
+          f"transformers' GGUF reader vs the checkpoint (||diff|| / ||logits|| over 2 rows of 128 tokens); llama.cpp "
           f"perplexity vs the pipeline's (float32 checkpoint) on {args.ppl_rows} rows of 128 tokens of Python "
           f"standard-library text, no BOS; greedy tokens (of {args.new_tokens}) where llama.cpp and transformers on "
           f"the same file agree before the first difference.\n\n"

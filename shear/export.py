@@ -341,7 +341,8 @@ def export_gguf(model, tokenizer, path: str | Path, fmt: str, record: dict[str, 
 
 
 def reread_logits_error(model, path: str | Path, rows: torch.Tensor, reference=None) -> float:
-    """max |logits(file read by transformers' GGUF loader) - logits(reference)| / max |logits(reference)|.
+    """||logits(file read by transformers' GGUF loader) - logits(reference)|| / ||logits(reference)||
+    (Frobenius norms over every position and vocabulary entry).
 
     `reference` defaults to `model`; pass a model whose weights are the format's dequantized
     weights to check that the file loses nothing beyond the quantization itself.
@@ -353,7 +354,7 @@ def reread_logits_error(model, path: str | Path, rows: torch.Tensor, reference=N
     with torch.no_grad():
         want = (reference or model)(rows).logits
         got = reread(rows).logits
-    return float((got - want).abs().max() / want.abs().max())
+    return float((got - want).norm() / want.norm())
 
 
 def quantized_copy(model, fmt: str):
