@@ -31,7 +31,7 @@ from shear.evaluate import tokenizer_adds_bos
 from shear.io import atomic_file
 from shear.models import head_dim
 
-# Format name -> (tensor type of 2-D weights, general.file_type); 1-D tensors are always f32.
+# The type of the 2-D weights (1-D tensors are always f32; general.file_type says which).
 FORMATS = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 # HF model_type -> GGUF architecture. Mistral without a sliding window is llama in llama.cpp
@@ -320,7 +320,7 @@ def export_gguf(model, tokenizer, path: str | Path, fmt: str, record: dict[str, 
             writer.add_tensor(tname, array.astype(np.float16))
         else:
             writer.add_tensor(tname, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    facts = flatten("shear", {k: v for k, v in (record or {}).items()})
+    facts = flatten("shear", record or {})
     facts.update({"shear.export.format": fmt, "shear.export.f16_fallback": fallback})
     for key, value in facts.items():
         add_value(writer, key, value)
@@ -352,7 +352,7 @@ def reread_logits_error(model, path: str | Path, rows: torch.Tensor, reference=N
     path = Path(path)
     reread = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        want = (reference or model)(rows).logits
+        want = (model if reference is None else reference)(rows).logits
         got = reread(rows).logits
     return float((got - want).norm() / want.norm())
 
