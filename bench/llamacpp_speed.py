@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
                 m[f"{kind}_speedup"] = m[f"{kind}_tokens_per_s"] / dense[f"{kind}_tokens_per_s"]
 
     info = machine_info("cpu") | {"load_average_before": load_before}
-    from importlib.metadata import version
+    import llama_cpp
 
-    info["llama_cpp_python"] = version("llama_cpp_python")
+    info["llama_cpp_python"] = llama_cpp.__version__
     settings = {k: getattr(args, k) for k in ("formats", "threads", "prompt_tokens", "new_tokens", "repeats", "ppl_rows")}
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {"machine": info, "settings": settings, "results": results})

@@ -70,15 +70,15 @@ def main(params, args):
             metrics[name] = entry
     metrics["info"] = {"machine": machine_info("cpu"), "threads": ex.threads, "ppl_seq_len": ex.ppl_seq_len,
                        "ppl_bos": "yes" if bos is not None else "no",
-                       "llama_cpp": _version("llama_cpp_python") if has_llama_cpp else "not installed"}
+                       "llama_cpp": _llama_cpp_version() if has_llama_cpp else "not installed"}
     write_json(METRICS, metrics)
     print(f"export: wrote {OUT}/ ({', '.join(f'{m}-{f}' for m in ex.models for f in ex.formats)}) and {METRICS}")
 
 
-def _version(dist: str) -> str:
-    from importlib.metadata import version
+def _llama_cpp_version() -> str:
+    import llama_cpp
 
-    return version(dist)
+    return llama_cpp.__version__
 
 
 if __name__ == "__main__":
