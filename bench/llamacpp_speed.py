@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
           f"after (1/5/15 min). llama-cpp-python {info['llama_cpp_python']} (CPU build), {args.threads} thread(s).\n"
           f"Batch 1; prompt {args.prompt_tokens} tokens; {args.new_tokens} new tokens, greedy, one llama.cpp call per "
           f"token; median of {args.repeats} repeats (min-max), the files timed in interleaved rounds. Ideal speed-up = dense / pruned non-embedding parameters. "
-          f"Command: `python -m bench.llamacpp_speed {' '.join(argv) if argv else ''}`.\n\n"
+          f"Command: `python -m bench.llamacpp_speed {' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n"
           + table(results, args.formats)
           + "\n## The files, read back by others\n\n"
           f"transformers' GGUF reader vs the checkpoint (||diff|| / ||logits|| over 2 rows of 128 tokens); llama.cpp "
