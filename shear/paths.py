@@ -28,6 +28,8 @@ RETRAIN_CHECKPOINTS = Path("data/checkpoints/retrain")
 RETRAIN_LOGS = Path("reports/train/retrain")
 
 SPEED = Path("reports/speed.json")  # speed: every model's decode/prefill figures from one run
+EXPORT = Path("data/export")  # export: <model>-<format>.gguf
+EXPORT_METRICS = Path("reports/export/metrics.json")  # export: file sizes, llama.cpp ppl and speed
 REPORT = Path("reports/report.md")
 FIGURES = Path("reports/figures")
 

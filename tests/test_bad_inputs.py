@@ -24,10 +24,10 @@ def params_text(overrides: dict, drop: tuple[str, ...] = ()) -> str:
 
 BAD_PARAMS = [
     ("empty file", "", "error: params.yaml: empty; it must set every section (run, base, corpus, shards, data, "
-                       "mixture, score, prune, retrain, evaluate); start from the repository's params.yaml"),
+                       "mixture, score, prune, retrain, evaluate, export); start from the repository's params.yaml"),
     ("only comments", "# nothing here\n", "error: params.yaml: empty;"),
     ("partial file", yaml.safe_dump({"prune": full_params({})["prune"]}),
-     "error: params.yaml: missing sections run, base, corpus, shards, data, mixture, score, retrain, evaluate; "
+     "error: params.yaml: missing sections run, base, corpus, shards, data, mixture, score, retrain, evaluate, export; "
      "every section must be set"),
     ("missing key", params_text({}, drop=("prune.depth.ratio",)),
      "error: params.yaml: missing keys prune.depth.ratio; every key must be set"),

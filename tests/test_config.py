@@ -64,9 +64,9 @@ def test_cross_stage_checks_pass_when_met():
 
 @pytest.mark.parametrize("text, message", [
     ("", "params.yaml: empty; it must set every section (run, base, corpus, shards, data, mixture, score, prune, "
-         "retrain, evaluate); start from the repository's params.yaml"),
+         "retrain, evaluate, export); start from the repository's params.yaml"),
     ("run: {seed: 0, device: auto, dtype: auto}\n",
-     "params.yaml: missing sections base, corpus, shards, data, mixture, score, prune, retrain, evaluate; "
+     "params.yaml: missing sections base, corpus, shards, data, mixture, score, prune, retrain, evaluate, export; "
      "every section must be set (copy them from the repository's params.yaml)"),
 ])
 def test_empty_or_partial_params_file_names_what_is_missing(tmp_path, text, message):
@@ -168,5 +168,5 @@ def test_params_stage_writes_settings_and_refuses_an_unknown_section(tmp_path, m
         run_stage(stage.__doc__, stage.main)
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip() == ("error: params.yaml: unknown key retrian; valid keys: run, base, "
-                                               "corpus, shards, data, mixture, score, prune, retrain, evaluate")
+                                               "corpus, shards, data, mixture, score, prune, retrain, evaluate, export")
     assert (tmp_path / "reports/params/checked.json").read_text() == checked
