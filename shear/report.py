@@ -324,9 +324,38 @@ def protocol_lines(metrics: dict[str, dict], speed: SpeedRecord | None = None) -
     return lines
 
 
+def export_lines(export: dict | None) -> list[str]:
+    """The deployment section: each exported GGUF file's size, its re-read error and, when
+    llama.cpp was installed, llama.cpp's perplexity and batch-1 speed (reports/export/metrics.json)."""
+    if not export:
+        return []
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+    rows = []
+    for model, entry in export.items():
+        if model == "info":
+            continue
+        for fmt, row in entry.items():
+            if not isinstance(row, dict):
+                continue
+            rows.append([f"{model} {fmt}", f"{row['file_bytes'] / 2**20:.1f}", num(row.get("reread_logits_rel_error"), ".1e"),
+                         f"{num(row.get('ppl_llama_cpp'), '.2f')} / {num(row.get('ppl_pipeline'), '.2f')}",
+                         num(row.get("decode_tokens_per_s"), ".1f"), num(row.get("prompt_tokens_per_s"), ".1f"),
+                         "—" if "decode_speedup" not in row else
+                         f"{row['decode_speedup']:.2f}× ({row['decode_speedup_of_ideal']:.2f} of ideal)"])
+    info = export.get("info", {})
+    return ["## Deployment: GGUF in llama.cpp", "",
+            f"llama.cpp {info.get('llama_cpp', '?')}, {info.get('threads', '?')} thread(s), batch 1; perplexity "
+            f"at {info.get('ppl_seq_len', '?')} tokens on the eval split, llama.cpp / this pipeline; speed-up over "
+            "the base model's file of the same format (data/export/, reports/export/metrics.json).", "",
+            markdown_table(["file", "MiB", "re-read rel. error", "ppl llama.cpp / ours", "decode tok/s",
+                            "prompt tok/s", "decode speed-up"], rows)]
+
+
 def render_markdown(metrics: dict[str, dict], records: dict[str, ModelRecord] | None = None,
-                    figures_rel: str = "figures", speed: SpeedRecord | None = None) -> str:
-    """The text of report.md (`metrics` already merged `with_speed`)."""
+                    figures_rel: str = "figures", speed: SpeedRecord | None = None,
+                    export: dict | None = None) -> str:
+    """The text of report.md (`metrics` already merged `with_speed`; `export`: the export stage's metrics)."""
     names = list(metrics)
     parts = [
         "# shear report: " + " vs ".join(names),
@@ -337,6 +366,7 @@ def render_markdown(metrics: dict[str, dict], records: dict[str, ModelRecord] | 
         "to the base model.",
         "",
         markdown_table(["", *names], table_rows(metrics, records)),
+        *export_lines(export),
         "## How it was measured",
         "",
         *protocol_lines(metrics, speed),
@@ -354,7 +384,8 @@ def render_markdown(metrics: dict[str, dict], records: dict[str, ModelRecord] | 
 
 
 def write_report(metrics: dict[str, dict], md_path: str | Path, figures_dir: str | Path,
-                 records: dict[str, ModelRecord] | None = None, speed: SpeedRecord | None = None) -> str:
+                 records: dict[str, ModelRecord] | None = None, speed: SpeedRecord | None = None,
+                 export: dict | None = None) -> str:
     """Write report.md, the PNG figures and their CSV data (atomically); returns the markdown.
 
     Every speed figure, in the table and in the plots, comes from `speed` (one run).
@@ -371,7 +402,7 @@ def write_report(metrics: dict[str, dict], md_path: str | Path, figures_dir: str
         write_csv(tmp / "quality.csv", quality_rows(metrics))
     # image links relative to report.md, so the report renders wherever the repository is
     rel = os.path.relpath(figures_dir.resolve(), md_path.parent.resolve())
-    text = render_markdown(metrics, records, figures_rel=Path(rel).as_posix(), speed=speed)
+    text = render_markdown(metrics, records, figures_rel=Path(rel).as_posix(), speed=speed, export=export)
     with atomic_file(md_path) as f:
         f.write(text)
     return text

@@ -4,7 +4,7 @@ Quality from reports/eval/<model>/metrics.json, every speed figure from reports/
 (one run), how each model was made from data/models/<model>/shear.json.
 """
 from shear.io import read_json
-from shear.paths import FIGURES, MODEL_NAMES, REPORT, SPEED, metrics_file, model_dir
+from shear.paths import EXPORT_METRICS, FIGURES, MODEL_NAMES, REPORT, SPEED, metrics_file, model_dir
 from shear.records import EvalMetrics, ModelRecord, SpeedRecord
 from shear.report import write_report
 
@@ -18,7 +18,8 @@ def main(params, args):
     # shear.json says how each model was made and its shape (a missing one leaves "—" cells)
     records = {name: ModelRecord.from_dict(read_json(path), str(path)) for name in MODEL_NAMES
                if (path := model_dir(name) / "shear.json").is_file()}
-    text = write_report(metrics, REPORT, FIGURES, records, speed)
+    export = read_json(EXPORT_METRICS) if EXPORT_METRICS.is_file() else None
+    text = write_report(metrics, REPORT, FIGURES, records, speed, export)
     table = text[text.index("| "):text.index("## How")]
     print(table, end="")
     print(f"report: wrote {REPORT} and {FIGURES}/")

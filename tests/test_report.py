@@ -6,7 +6,7 @@ import json
 import pytest
 
 from shear.records import ModelRecord, SpeedRecord
-from shear.report import batch_speed, quality_rows, table_rows, with_speed, write_report
+from shear.report import batch_speed, export_lines, quality_rows, table_rows, with_speed, write_report
 
 
 def metrics_of(name: str, scale: float, params: int) -> dict:
@@ -149,3 +149,16 @@ def test_stage_refuses_a_bad_speed_file(tmp_path, monkeypatch):
     with pytest.raises(ShearError, match=r"reports/speed.json models.base: no 'batch'"):
         stage.main(None, argparse.Namespace())
     assert not (tmp_path / "reports/report.md").exists()
+
+
+def test_export_section_lists_every_file_with_its_llama_cpp_figures():
+    row = {"file_bytes": 3 * 2**20, "reread_logits_rel_error": 4e-4, "ppl_llama_cpp": 20.5, "ppl_pipeline": 20.4,
+           "decode_tokens_per_s": 50.0, "prompt_tokens_per_s": 300.0}
+    export = {"base": {"non_embedding_params": 10, "ideal_speedup": 1.0, "f16": row},
+              "retrained": {"non_embedding_params": 8, "ideal_speedup": 1.25,
+                            "f16": {**row, "decode_speedup": 1.2, "decode_speedup_of_ideal": 0.96}},
+              "info": {"llama_cpp": "0.3.36", "threads": 1, "ppl_seq_len": 128}}
+    text = "\n".join(export_lines(export))
+    assert "| base f16 | 3.0 | 4.0e-04 | 20.50 / 20.40 | 50.0 | 300.0 | — |" in text
+    assert "| retrained f16 |" in text and "1.20× (0.96 of ideal)" in text
+    assert export_lines(None) == []
