@@ -40,7 +40,7 @@ from shear.export import (
     reread_logits_error,
     speed_summary,
 )
-from shear.importance.width import magnitude_scores
+from shear.importance.width import width_magnitude_scores
 from shear.io import atomic_file, read_json, write_json
 from shear.models import (
     block_parameters,
@@ -83,7 +83,7 @@ def variants(base_loader, scores: list[float]):
     depth20 = layers - blocks_to_remove(layers, blocks, 0.20, None)
     budget = count_parameters(model)["non_embedding"] - (layers - depth20) * (blocks // layers)
     shape = resolve_target(model.config, {"params": budget}, 64)
-    pruned, _ = width_prune(model, shape, magnitude_scores(model))
+    pruned, _ = width_prune(model, shape, width_magnitude_scores(model))
     yield "width-20%", pruned, tok, (f"L{shape['num_hidden_layers']} h{shape['hidden_size']} "
                                      f"H{shape['num_attention_heads']}/{shape['num_key_value_heads']} "
                                      f"mlp{shape['intermediate_size']}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from shear.importance.width import magnitude_scores
+from shear.importance.width import width_magnitude_scores
 from shear.io import atomic_file, write_json
 from shear.models import load_source, offline, save_model
 from shear.prune.depth import remove_blocks
@@ -113,7 +113,7 @@ def build(root: Path, smollm2: bool) -> dict[str, str]:
     for family in FAMILIES:
         model = make_model(family)
         width = copy.deepcopy(model)
-        slice_model(width, choose_units(magnitude_scores(model), source_shape(model.config),
+        slice_model(width, choose_units(width_magnitude_scores(model), source_shape(model.config),
                                         {**source_shape(model.config), **EXPLICIT}))
         write_case(root, family, width, TOKENIZER, "width", paths)
         write_case(root, family, remove_blocks(model, [1]), TOKENIZER, "depth", paths)

@@ -9,7 +9,7 @@ import torch
 
 from shear.errors import ShearError
 from shear.export import FORMATS, export_gguf, quantized_copy, reread_logits_error
-from shear.importance.width import magnitude_scores
+from shear.importance.width import width_magnitude_scores
 from shear.models import make_tiny_model
 from shear.prune.width import width_prune
 from tests.conftest import stdlib_texts
@@ -88,7 +88,7 @@ def test_width_pruned_model_with_explicit_head_dim_round_trips(tmp_path):
     model, tok = widen_weights(make_tiny_model("layers=3,hidden=96,heads=6,kv_heads=2,mlp=64")[0]), make_tiny_model()[1]
     target = {"num_hidden_layers": 3, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
               "intermediate_size": 40, "head_dim": 16}
-    pruned, _ = width_prune(model, target, magnitude_scores(model))
+    pruned, _ = width_prune(model, target, width_magnitude_scores(model))
     assert pruned.config.head_dim * pruned.config.num_attention_heads != pruned.config.hidden_size
     path = tmp_path / "w-q8_0.gguf"
     info = export_gguf(pruned, tok, path, "q8_0")
