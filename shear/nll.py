@@ -48,6 +48,16 @@ def output_head(model) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__} has no lm_head module")
 
 
+def final_softcap(model) -> float | None:
+    """The family's final logit soft-capping (Gemma), read from the transformers model inside
+    any PEFT, DDP or FSDP wrapper; None when the family has none."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "num_hidden_layers"):  # a transformers config, not PEFT's
+            return getattr(config, "final_logit_softcapping", None)
+    return None
+
+
 @torch.no_grad()
 def sequence_nll(model, ids: torch.Tensor, bos_token_id: int | None = None) -> tuple[float, int]:
     """(summed NLL, scored tokens) of each row of `ids` [B, T] as an independent sequence.
@@ -64,10 +74,10 @@ def sequence_nll(model, ids: torch.Tensor, bos_token_id: int | None = None) -> t
     if bos_token_id is not None:
         bos = torch.full((len(ids), 1), bos_token_id, dtype=torch.long, device=device)
         ids = torch.cat([bos, ids], dim=1)
-    scored = {}
+    scored, softcap = {}, final_softcap(model)
 
     def score(head, args):
-        scored["nll"] = hidden_nll(head, args[0], ids, getattr(model.config, "final_logit_softcapping", None))
+        scored["nll"] = hidden_nll(head, args[0], ids, softcap)
         return (args[0][:, -1:],)
 
     hook = output_head(model).register_forward_pre_hook(score)
