@@ -20,7 +20,7 @@ from shear.prune.depth import remove_blocks
 from shear.prune.l0 import L0Masks
 from shear.prune.sheared import MaskHooks, finalize, prune_sheared, train_masks
 from shear.trainer import make_accelerator, open_live, plan_run, read_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, full_params
 
 SPEC = "layers=4,hidden=64,heads=4,kv_heads=2,mlp=128"
 TRAIN = dict(lr_model=1e-4, lr_mask=1.0, lr_lambda=1.0, lagrangian_warmup_fraction=0.0, checkpoint_every=2)
@@ -243,7 +243,7 @@ def write_stage_inputs(root, raw_corpus, num_processes):
                               "lagrangian_warmup_fraction": 0.5, "checkpoint_every": 2,
                               "num_processes": num_processes}},
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
 
 
 def final_state(root):
@@ -275,6 +275,7 @@ def test_two_processes_equal_one_and_resume(tmp_path, raw_corpus, accelerator, m
     meta = roots["killed"] / "data/checkpoints/prune/last/meta.json"
     while not meta.is_file() and killed.poll() is None:
         time.sleep(0.01)
+    assert killed.poll() is None, f"the stage ended before it was killed:\n{killed.communicate()[0][-3000:]}"
     # The stage, its launcher and both ranks (torch elastic starts them in their own sessions), mid-run.
     for process in [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]:
         process.kill()
