@@ -433,17 +433,25 @@ def load_checkpoint(directory: Path, dtype: torch.dtype, device: str | torch.dev
     """(model in eval mode, tokenizer) of a standard checkpoint directory; every damaged or
     missing file is one ShearError naming it and `fix`, checked before the weights are read."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     read_config(directory, fix)
     check_weights(directory, fix)
     tokenizer = load_tokenizer(directory, fix)
     device = torch.device(device)
+    # No "Loading weights" bar on stderr: a stage that stops later (a bad LoRA module name, a
+    # missing score file) must print its one error line alone there.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         # On CUDA the weights go straight from the files to the device (no full host copy).
         placement = {"device_map": {"": device}} if device.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement).to(device).eval()
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise ShearError(f"{directory}: cannot load the model ({first_line(e)}); {fix}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 

@@ -177,3 +177,31 @@ def test_truncated_gguf_stops_the_base_stage(tmp_path, monkeypatch, capsys, tiny
     (tmp_path / "model.gguf").write_bytes(data[: len(data) // 2 if cut == "half" else cut])
     run_stage_expecting_error(tmp_path, monkeypatch, capsys, base, {"base": {"source": "gguf:model.gguf"}}, KEEP_BASE,
                               "error: model.gguf: cannot read this GGUF file (")
+
+
+def test_usage_error_is_one_line(tmp_path, monkeypatch, capsys):
+    """A missing or unknown command-line argument is a bad input like any other: exit 1, one line."""
+    from shear.stage import run_stage
+    from stages import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    for argv, message in ((["stages.evaluate"], "the following arguments are required: model"),
+                          (["stages.evaluate", "final"], "argument model: invalid choice: 'final'")):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            run_stage(evaluate.__doc__, evaluate.main, evaluate.add_arguments)
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_error_after_loading_the_model_is_still_one_line(tmp_path, monkeypatch, capsys, tiny_checkpoint):
+    """The base model loads (no progress bar on stderr), then the missing score file stops the stage."""
+    import shutil
+
+    from stages import prune
+
+    shutil.copytree(tiny_checkpoint / "model", tmp_path / "data/models/base")
+    run_stage_expecting_error(tmp_path, monkeypatch, capsys, prune, {}, PREVIOUS,
+                              "error: reports/scores/block_ppl.json: file not found")
