@@ -294,7 +294,7 @@ RECOVERED = [
     ("killed between the renames: data/models/pruned missing", "prune", killed_between_renames,
      lambda ws: (ws / "data/models/pruned/model.safetensors").is_file() and not list((ws / "data/models").glob(".pruned.*"))),
     ("old state.pt pickle with a payload in data/checkpoints/retrain", "retrain", old_pickle_checkpoint,
-     lambda ws: not (ws / "data/checkpoints/retrain/pwned").exists() and not (ws / "data/checkpoints/retrain/state.pt").exists()),
+     lambda ws: not (ws / "data/checkpoints/retrain/pwned").exists()),
 ]
 
 
@@ -373,7 +373,8 @@ def main() -> None:
         lines.append(f"| {one_line(r['input'])} | {r['stage']} | {r['rc']} | {one_line(r['line'])} | "
                      f"{'y' if r['untouched'] else 'n'} | {'yes' if r['clear'] else '**NO**'} |")
     if recovered:
-        lines += ["", "Faults a stage recovers from by itself (exit 0, the leftovers gone, no payload run):", "",
+        lines += ["", "Faults a stage recovers from by itself (exit 0; the leftovers gone and the output in place, or the old "
+                  "pickle checkpoint ignored without being loaded: its payload never ran):", "",
                   "| fault | stage | exit code | last line printed | recovered |", "|---|---|---|---|---|"]
         for r in recovered:
             lines.append(f"| {one_line(r['fault'])} | {r['stage']} | {r['rc']} | {one_line(r['line'])} | "
