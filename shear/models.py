@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -315,7 +316,7 @@ def find_gguf(target: str) -> Path:
 
 def load_source(source: str, seed: int = 0):
     """Load `gguf:<pkg|path>`, `hf:<dir>` or `tiny:<shape>` as (float32 model, tokenizer, origin info)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, _, arg = source.partition(":")
     if kind == "tiny":
@@ -325,25 +326,23 @@ def load_source(source: str, seed: int = 0):
         from transformers import GgufConfig
 
         file = find_gguf(arg)
+        check_gguf(file)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 file.parent, gguf_file=file.name, quantization_config=GgufConfig(dequantize=True),
                 dtype=torch.float32,
             )
             tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-        except (ValueError, OSError, KeyError) as e:
-            raise ShearError(f"{file}: cannot read this GGUF file ({str(e).splitlines()[0]})") from None
+        except (ValueError, OSError, KeyError, struct.error) as e:
+            raise ShearError(f"{file}: cannot read this GGUF file ({first_line(e)}); {GGUF_FIX}") from None
         check_supported(model.config, str(file))
         return model.eval(), tok, {"source": source, "file": file.name, "sha256": _sha256(file)}
     if kind == "hf":
         directory = Path(arg)
         if not (directory / "config.json").is_file():
             raise ShearError(f"params.yaml: base.source=hf:{arg}: no config.json in that directory")
-        config = AutoConfig.from_pretrained(directory)
-        check_supported(config, str(directory))
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(directory)
-        return model.eval(), tok, {"source": source}
+        model, tok = load_checkpoint(directory, torch.float32, "cpu", HF_FIX)
+        return model, tok, {"source": source}
     raise ShearError(
         f"params.yaml: base.source={source!r} is not valid; use gguf:<package or file.gguf>, hf:<local dir> or tiny:<shape>"
     )
@@ -352,27 +351,115 @@ def load_source(source: str, seed: int = 0):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a checkpoint a stage wrote in `dtype` (see `resolve_dtype`) on `device`:
-    (model in eval mode, tokenizer, shear.json record)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# What to do about a damaged checkpoint: one a stage wrote (DVC has it), or a user's `hf:` directory.
+REBUILD_FIX = "restore it with `dvc checkout`, or re-run the stage that writes it (`dvc repro --force <stage>`)"
+HF_FIX = "copy the complete model (config.json, *.safetensors, tokenizer files) into that directory again"
+GGUF_FIX = "the file is truncated or not a GGUF file: download or export it again (`make setup` reinstalls the default)"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library messages can span many lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_gguf(file: Path) -> None:
+    """Read a GGUF file's header and tensor table, so a truncated or garbage file stops here in one line.
+
+    The reader checks that every tensor's data lies inside the file; transformers' loader would
+    fail later with a bare `struct.error` or a numpy reshape message.
+    """
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(file)
+    except (ValueError, OSError, KeyError, IndexError, struct.error) as e:
+        raise ShearError(f"{file}: cannot read this GGUF file ({first_line(e)}); {GGUF_FIX}") from None
+
+
+def read_config(directory: str | Path, fix: str = REBUILD_FIX):
+    """A checkpoint's config (transformers' PretrainedConfig), refusing a missing, non-JSON or
+    unsupported config.json in one line that names the file and `fix`."""
+    from transformers import AutoConfig
 
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
+    path = directory / "config.json"
+    if not path.is_file():
         raise ShearError(f"{directory}: no model here (config.json missing); run the stage that writes it, e.g. `dvc repro`")
     try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ShearError(f"{path}: not valid JSON ({first_line(e)}); {fix}") from None
+    try:
         config = AutoConfig.from_pretrained(directory)
-    except (ValueError, OSError) as e:
-        raise ShearError(f"{directory}/config.json: corrupt ({str(e).splitlines()[0]})") from None
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ShearError(f"{path}: not a model config transformers can read ({first_line(e)}); {fix}") from None
     check_supported(config, str(directory))
+    return config
+
+
+def check_weights(directory: str | Path, fix: str = REBUILD_FIX) -> list[Path]:
+    """A checkpoint's safetensors files, each header read (`safe_open` checks that the tensors
+    cover the file exactly), so a missing, truncated or garbage weights file stops in one line
+    naming it, before transformers fails inside its loader."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ShearError(f"{directory}: no weights (no *.safetensors file next to config.json); {fix}")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ShearError(f"{file}: truncated or not a safetensors file ({first_line(e)}); {fix}") from None
+    return files
+
+
+def load_tokenizer(directory: str | Path, fix: str = REBUILD_FIX):
+    """A checkpoint's tokenizer, refusing missing or unreadable tokenizer files in one line."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ShearError(f"{directory}: no tokenizer (no tokenizer.json, tokenizer.model or vocab.json); {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError, KeyError, TypeError) as e:  # a non-JSON tokenizer.json is a ValueError
+        raise ShearError(f"{directory}: cannot load the tokenizer ({first_line(e)}); {fix}") from None
+
+
+def load_checkpoint(directory: Path, dtype: torch.dtype, device: str | torch.device, fix: str):
+    """(model in eval mode, tokenizer) of a standard checkpoint directory; every damaged or
+    missing file is one ShearError naming it and `fix`, checked before the weights are read."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    read_config(directory, fix)
+    check_weights(directory, fix)
+    tokenizer = load_tokenizer(directory, fix)
     device = torch.device(device)
+    # No "Loading weights" bar on stderr: a stage that stops later (a bad LoRA module name, a
+    # missing score file) must print its one error line alone there.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         # On CUDA the weights go straight from the files to the device (no full host copy).
         placement = {"device_map": {"": device}} if device.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise ShearError(f"{directory}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise ShearError(f"{directory}: cannot load the model ({first_line(e)}); {fix}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return model, tokenizer
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a checkpoint a stage wrote in `dtype` (see `resolve_dtype`) on `device`:
+    (model in eval mode, tokenizer, shear.json record)."""
+    directory = Path(directory)
+    model, tokenizer = load_checkpoint(directory, dtype, device, REBUILD_FIX)
     record = read_json(directory / "shear.json") if (directory / "shear.json").exists() else {}
     return model, tokenizer, record
 

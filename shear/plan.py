@@ -344,13 +344,9 @@ def check_stage(stage: str, params, model_dir: str | Path, device: torch.device)
     """The plan of `stage` (score | prune | retrain | evaluate | speed) for the model in `model_dir`
     on `device`; stops with one line naming what to change when it does not fit. Stages call
     it first, before any side effect."""
-    from transformers import AutoConfig
+    from shear.models import read_config, resolve_dtype
 
-    from shear.models import resolve_dtype
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ShearError(f"{model_dir}: no model here (config.json missing); run the stage that writes it")
-    config = AutoConfig.from_pretrained(model_dir)
+    config = read_config(model_dir)
     device_bytes = device_memory(device)
     plan = plan_stages(params, config, resolve_dtype(params.run.dtype, device), device.type, device_bytes)[stage]
     check_fits(plan, device_bytes, what_to_change(stage, plan, params))

@@ -12,6 +12,7 @@ Distribution is `accelerate`'s (DDP, FSDP, gloo on CPU; see stages/retrain.py).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +45,11 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: list
         raise ShearError(f"params.yaml: retrain.lora.target_modules {what}; valid: {', '.join(valid)}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; its FutureWarning on stderr
+        # would be a second line beside a stage's one error line
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def require_teacher(directory: str | Path) -> None:

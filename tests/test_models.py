@@ -76,3 +76,20 @@ def test_resolve_dtype_and_load_in_it(tmp_path):
     loaded, _, _ = load_model(tmp_path / "m", dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_truncated_shard_of_a_sharded_checkpoint_is_named(tmp_path, tiny):
+    """A checkpoint in several safetensors shards: the damaged one is named, before transformers reads any."""
+    from shear.models import HF_FIX
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m", max_shard_size="50KB")
+    tok.save_pretrained(tmp_path / "m")
+    shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    load_source(f"hf:{tmp_path / 'm'}")  # intact: loads
+    shards[1].write_bytes(shards[1].read_bytes()[:-8])
+    with pytest.raises(ShearError) as e:
+        load_source(f"hf:{tmp_path / 'm'}")
+    assert str(e.value).startswith(f"{shards[1]}: truncated or not a safetensors file (") and str(e.value).endswith(HF_FIX)
+    assert "\n" not in str(e.value)

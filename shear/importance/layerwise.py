@@ -40,7 +40,7 @@ from shear.importance.blocks import (
     sleb_greedy,
 )
 from shear.importance.width import _group_sum, activation_scores
-from shear.models import check_supported
+from shear.models import check_weights, read_config
 from shear.nll import logits_nll
 
 LAYERWISE_BLOCK_CRITERIA = ("ppl", "ppl+", "bi", "angular", "sleb", "magnitude", "random")
@@ -63,13 +63,11 @@ class CheckpointBlocks:
 
     def __init__(self, directory: str | Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.directory, self.dtype, self.device = Path(directory), dtype, torch.device(device)
-        if not (self.directory / "config.json").is_file():
-            raise ShearError(f"{self.directory}: no model here (config.json missing)")
-        self.config = AutoConfig.from_pretrained(self.directory)
-        check_supported(self.config, str(self.directory))
+        self.config = read_config(self.directory)
+        check_weights(self.directory)
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             self.files = {k: self.directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
