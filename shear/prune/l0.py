@@ -185,6 +185,9 @@ class L0Masks(nn.Module):
         s is the expected sparsity of a selection group (a layer's row, or one KV group's query
         heads under GQA), t its (warmed-up) target sparsity: the reference's per-layer
         constraint, made per KV group so that training aims at the shape the cut produces.
+        The multipliers stay one pair per mask type, as in the paper: lambda1 weighs the mean
+        gap, and the quadratic term, whose lambda2 grows while any gap remains, evens out the
+        groups (as it evens out the paper's layers).
         """
         total = 0.0
         for name, t in self.target_sparsity(progress).items():
