@@ -13,6 +13,10 @@ The training loop's contract, every `mixture.update_every` optimizer steps when 
     sampler.update(losses)
     log_mixture(live, sampler, losses, step)
 
+and `sampler.state_dict()` goes into every checkpoint: it holds the weights, the update
+history, the RNG and the per-domain cursors, so a resumed run draws exactly the batches
+the uninterrupted run would have.
+
 The current loss and the reference are measured the same way, so that an unchanged model
 has no excess loss (Δ = 0, exactly): `heldout_rows` takes the rows the evaluate stage scores
 at 128 tokens (its first `evaluate.ppl_max_tokens` tokens of each eval split, BOS in front
@@ -22,10 +26,6 @@ run's mixed-precision autocast.
 
 A retraining with a dynamic mixture after sheared pruning continues from the pruning run's
 final weights (`continued_weights`), as Sheared-LLaMA's continued pre-training does.
-
-and `sampler.state_dict()` goes into every checkpoint: it holds the weights, the update
-history, the RNG and the per-domain cursors, so a resumed run draws exactly the batches
-the uninterrupted run would have.
 """
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Stage `retrain`: LoRA | CPT | none on data/models/pruned, optionally distilled from
 data/models/base, -> data/models/retrained/ (a plain checkpoint: LoRA is merged).
 
+With a dynamic mixture after sheared pruning, the domain weights start where the pruning run's
+ended (`mixture.final_weights` of data/models/pruned/shear.json), as in Sheared-LLaMA.
+
 Also writes data/checkpoints/retrain/last/ every retrain.checkpoint_every steps (a DVC
 `persist` output: re-running the stage with the same params resumes from it; a checkpoint of
 other params is ignored) and DVCLive logs in reports/train/retrain/ (`dvc plots show`).
