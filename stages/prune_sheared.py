@@ -23,10 +23,10 @@ from shear.mixture import build_sampler, heldout_rows, plot_weights, reference_l
 from shear.models import architecture, count_parameters, layout, load_model, pick_device, save_model
 from shear.paths import BASE_METRICS, BASE_MODEL, PRUNE_CHECKPOINTS, PRUNE_LOGS, PRUNED_MODEL, SHARDS
 from shear.plan import check_stage
-from shear.records import MixtureRecord
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
+from shear.records import MixtureRecord
 from shear.trainer import (check_seq_len, check_train_tokens, launched, make_accelerator, open_live, plan_run,
                            read_checkpoint, relaunch)
 

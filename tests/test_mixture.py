@@ -281,27 +281,34 @@ def test_continued_weights_from_the_pruned_record():
 
 
 def test_cpt_after_sheared_starts_from_the_recorded_final_weights(tmp_path, shards, tiny, monkeypatch):
-    """The retrain stage's dynamic sampler starts where the sheared pruning run's mixture ended."""
+    """The prune stage (sheared, dynamic) records its final weights; the retrain stage's dynamic
+    sampler starts from them, not from the size-proportional weights."""
+    import argparse
+
     from shear.config import parse_params
     from shear.data import load_domains
     from shear.models import load_model
-    from shear.paths import RETRAINED_MODEL
-    from shear.records import MixtureRecord
-    from stages import retrain as retrain_stage
+    from shear.paths import PRUNED_MODEL, RETRAINED_MODEL
+    from stages import prune_sheared, retrain
 
     model, tok = tiny
-    final = {"code": 0.8125, "prose": 0.1875}  # far from the size-proportional start
-    proportional = initial_weights({d: a for d, a in load_domains(shards, "train").items()})
-    assert proportional["code"] != pytest.approx(final["code"], abs=0.1)
-    record = {"method": "sheared", "mixture": MixtureRecord("dynamic", final, [{"weights": final, "losses": {}}])
-              .to_dict()}
-    stage_dir(tmp_path, shards, monkeypatch, model, tok, "pruned", record)
+    stage_dir(tmp_path, shards, monkeypatch, model, tok, "base", {"method": "tiny"})
     params = parse_params({
-        "run": {"device": "cpu"}, "prune": {"method": "sheared"},
+        "run": {"device": "cpu"},
+        # code far above its reference, prose below: the pruning run moves weight to code
+        "mixture": {"reference_loss": {"code": 0.0, "prose": 9.0}, "update_every": 1},
+        "prune": {"method": "sheared", "target": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
+                                                  "num_key_value_heads": 1, "intermediate_size": 96},
+                  "sheared": {"tokens": 2 * 4 * 32, "batch_size": 4, "seq_len": 32}},
         "retrain": {"method": "cpt", "tokens": 64, "batch_size": 2, "seq_len": 32},
-        "mixture": {"reference_loss": {"code": 9.0, "prose": 9.0}, "update_every": 1},
     })
     assert params.mixture_kind() == "dynamic"
-    retrain_stage.main(params, None)
+    prune_sheared.main(params, argparse.Namespace(params="params.yaml"))
+    _, _, pruned = load_model(PRUNED_MODEL)
+    final = pruned["mixture"]["final_weights"]
+    proportional = initial_weights(load_domains("data/shards", "train"))
+    assert final["code"] > proportional["code"] + 0.1  # the pruning run did move the mixture
+
+    retrain.main(params, argparse.Namespace(params="params.yaml"))
     _, _, retrained = load_model(RETRAINED_MODEL)
     assert retrained["retrain"]["mixture_initial_weights"] == pytest.approx(final, rel=1e-12)
