@@ -96,11 +96,14 @@ class DataParams:
 class MixtureParams:
     """Dynamic batch loading (Sheared-LLaMA)."""
 
-    update_every: int = field(default=10, metadata=_range(1))
+    # steps between loss measurements and weight updates (Sheared-LLaMA: 50 while pruning)
+    update_every: int = field(default=50, metadata=_range(1))
     eta: float = field(default=1.0, metadata=_range(0, lo_open=True))
     smoothing: float = field(default=1e-4, metadata=_range(0, 1, hi_open=True))
     # empty = the base model's per-domain eval loss from the evaluate stage
     reference_loss: dict[str, float] = field(default_factory=dict)
+    # held-out 128-token rows per domain of the loss a fixed-mixture run logs; a dynamic mixture
+    # measures on all of the evaluate stage's rows (its reference's), see shear.mixture
     eval_sequences: int = field(default=16, metadata=_range(1))
 
 
@@ -536,8 +539,10 @@ def pick(p: Params, keys: list[str]) -> dict[str, Any]:
 
 
 def _mixture_keys(p: Params) -> list[str]:
-    """The data and mixture keys a training run reads: the dynamic update's only when dynamic."""
-    keys = ["data.domain_weights", "mixture.eval_sequences"]
+    """The data and mixture keys a training run reads: the dynamic update's only when dynamic. The
+    held-out rows follow the evaluate stage's perplexity protocol (the reference's)."""
+    keys = ["data.domain_weights", "mixture.eval_sequences",
+            "evaluate.ppl_max_tokens", "evaluate.ppl_seq_lens", "evaluate.batch_size"]
     if p.mixture_kind() == "dynamic":
         keys += ["mixture.update_every", "mixture.eta", "mixture.smoothing", "mixture.reference_loss"]
     return keys

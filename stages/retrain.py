@@ -1,6 +1,9 @@
 """Stage `retrain`: LoRA | CPT | none on data/models/pruned, optionally distilled from
 data/models/base, -> data/models/retrained/ (a plain checkpoint: LoRA is merged).
 
+With a dynamic mixture after sheared pruning, the domain weights start where the pruning run's
+ended (`mixture.final_weights` of data/models/pruned/shear.json), as in Sheared-LLaMA.
+
 Also writes data/checkpoints/retrain/last/ every retrain.checkpoint_every steps (a DVC
 `persist` output: re-running the stage with the same params resumes from it; a checkpoint of
 other params is ignored) and DVCLive logs in reports/train/retrain/ (`dvc plots show`).
@@ -34,7 +37,8 @@ from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
 from shear.io import atomic_dir, model_digest, recover_dir, run_hash, write_json
-from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
+from shear.mixture import (build_sampler, continued_weights, domain_losses, heldout_rows, plot_weights,
+                           reference_losses)
 from shear.models import load_model, pick_device, save_model
 from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
                          SHARDS)
@@ -44,10 +48,20 @@ from shear.trainer import (check_seq_len, check_train_tokens, launched, make_acc
                            read_checkpoint, relaunch)
 
 
+def heldout(params, tokenizer, config, dynamic: bool):
+    """The held-out rows of the run's loss: all of the evaluate stage's 128-token rows for a dynamic
+    mixture (its reference's own, so the excess loss of an unchanged model is 0), the first
+    mixture.eval_sequences of them otherwise (a logged loss only)."""
+    ev = params.evaluate
+    return heldout_rows(SHARDS, tokenizer, None if dynamic else params.mixture.eval_sequences, HELDOUT_SEQ_LEN,
+                        max_tokens=ev.ppl_max_tokens, seq_lens=ev.ppl_seq_lens, batch_size=ev.batch_size,
+                        max_positions=config.max_position_embeddings)
+
+
 def copy_pruned(params) -> None:
     """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
     model, tokenizer, record = load_model(PRUNED_MODEL)
-    losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN))
+    losses = domain_losses(model, heldout(params, tokenizer, model.config, dynamic=False))
     with atomic_dir(RETRAINED_MODEL) as tmp:
         for f in PRUNED_MODEL.iterdir():
             if f.name != "shear.json":
@@ -97,9 +111,12 @@ def main(params, args):
     dynamic = kind == "dynamic"
     mixture = params.mixture
     reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN) if dynamic else None
-    sampler = build_sampler(kind, domains, retrain.seq_len, params.run.seed, params.data.domain_weights,
+    # A dynamic mixture continues where the sheared pruning run's ended (Sheared-LLaMA), else
+    # starts from data.domain_weights (empty: proportional to size).
+    start = continued_weights(record, f"{PRUNED_MODEL}/shear.json", list(domains)) if dynamic else None
+    sampler = build_sampler(kind, domains, retrain.seq_len, params.run.seed, start or params.data.domain_weights,
                             reference, mixture.eta, mixture.smoothing)
-    rows = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN)
+    rows = heldout(params, tokenizer, model.config, dynamic)
     if retrain.method == "lora":
         model = apply_lora(model, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
 
@@ -110,6 +127,8 @@ def main(params, args):
                     if k not in ("checkpoint_every", "eval_every", "num_processes")},
         "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None,
+        "start_weights": start,  # the pruning run's final weights are in shear.json, not in model_digest
+        "evaluate": {k: getattr(params.evaluate, k) for k in ("ppl_max_tokens", "ppl_seq_lens", "batch_size")},
         "seed": params.run.seed,
         "world_size": accelerator.num_processes,
         "model": model_digest(PRUNED_MODEL),
@@ -142,6 +161,7 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
     if retrain.method == "lora":
         summary["lora"] = dataclasses.asdict(retrain.lora)
     if kind == "dynamic":
+        summary["mixture_initial_weights"] = dict(sampler.initial_weights)
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
         plot_weights(sampler, RETRAIN_LOGS / "plots" / "images" / "mixture_weights.png", mixture.update_every)
     save_model(trained, tokenizer, RETRAINED_MODEL, {**record, "retrain": summary})  # architecture and counts are refreshed
