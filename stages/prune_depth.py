@@ -1,17 +1,66 @@
 """Depth pruning (prune.method=depth): remove the least important blocks of data/models/base.
 
 one_shot: the n lowest-scoring unprotected blocks of reports/scores/block_<criterion>.json
-(sleb: its greedy removal order). iterative: remove the lowest, re-score the smaller model
-on the calibration set, repeat n times (sleb is iterative already and keeps its order).
+(sleb: its greedy removal order). iterative: remove the prune.depth.blocks_per_round lowest,
+heal the smaller model with prune.depth.heal_tokens / rounds tokens of retraining (the
+retrain section's method, optimizer and distillation, the retraining loop itself, LoRA
+merged after every round), re-score it on the calibration set, repeat until n are gone
+(sleb is iterative already and keeps its order).
+
+The output is written once, atomically, at the end: a run killed while healing leaves the
+previous pruned model in place and starts again from the base model (healing is not resumed).
 """
-from shear.data import calibration_batch
+import dataclasses
+import math
+
+from shear.config import HELDOUT_SEQ_LEN
+from shear.data import calibration_batch, load_domains
 from shear.errors import ShearError
 from shear.importance.blocks import block_scores
 from shear.io import read_json
+from shear.mixture import build_sampler, heldout_rows
 from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
 from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORES, SHARDS
 from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
                                select_blocks, target_setting)
+from shear.train import apply_lora, load_teacher, train
+from shear.trainer import check_seq_len, check_train_tokens, make_accelerator
+
+
+def healer(params, model, tokenizer, rounds: int):
+    """heal(model, round) for `prune_iterative`: heal_tokens / rounds tokens of retraining per round.
+
+    Everything is checked here, before the first round: a budget below one optimizer step per
+    round, sequences longer than the model's positions, shards without one training row.
+    """
+    depth, retrain = params.prune.depth, params.retrain
+    per_round = depth.heal_tokens // rounds
+    step = retrain.batch_size * retrain.seq_len * retrain.grad_accum  # one process: healing is not distributed
+    if per_round < step:
+        raise ShearError(f"params.yaml: prune.depth.heal_tokens={depth.heal_tokens} gives each of the {rounds} rounds "
+                         f"{per_round} tokens, less than one retrain step of {step} (retrain.batch_size x seq_len x "
+                         f"grad_accum); set prune.depth.heal_tokens >= {rounds * step} or 0")
+    check_seq_len("retrain", retrain.seq_len, model.config)
+    domains = load_domains(SHARDS, "train", tokenizer)
+    check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
+    # One sampler for every round: each round reads the next batches, not the same ones again.
+    sampler = build_sampler("fixed", domains, retrain.seq_len, params.run.seed, params.data.domain_weights)
+    rows = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN)
+    accelerator = make_accelerator(params.run.device)
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None
+    cfg = dataclasses.replace(retrain, tokens=per_round)
+    device = model.device
+
+    def heal(m, r):
+        if retrain.method == "lora":
+            m = apply_lora(m, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
+        # returns a plain float32 CPU model, LoRA merged: the next round scores and cuts plain blocks
+        healed, summary = train(m, sampler, cfg, accelerator, teacher=teacher, eval_rows=rows,
+                                seed=params.run.seed + r)
+        keep = ("method", "steps", "tokens", "loss_before", "loss_after", "train_s")
+        return healed.to(device), {k: summary[k] for k in keep}
+
+    return heal
 
 
 def main(params, args):
@@ -28,33 +77,40 @@ def main(params, args):
     check_protected(n, L, protected, depth.criterion, target_setting(depth.ratio, depth.num_blocks, n))
     before = count_parameters(model)
 
-    steps = None
+    rounds = None
     if depth.mode == "one_shot" or depth.criterion == "sleb":
         removed = select_blocks(record, n, protected)
         remove_blocks(model, removed)
     else:
         calib = calibration_batch(SHARDS, score.calib_sequences, score.calib_seq_len, tokenizer)
         unprotected_criterion = depth.criterion.rstrip("+")  # protection is applied by original index below
+        heal = healer(params, model, tokenizer, math.ceil(n / depth.blocks_per_round)) if depth.heal_tokens else None
 
         def rescore(m, k):
             return block_scores(m, calib, unprotected_criterion, n=k, batch_size=score.batch_size,
                                 seed=params.run.seed)[0]
 
-        removed, steps = prune_iterative(model, n, record["scores"], rescore, protected)
+        model, removed, rounds = prune_iterative(model, n, record["scores"], rescore, protected,
+                                                 depth.blocks_per_round, heal)
 
+    iterative = {}
+    if rounds is not None:
+        iterative = {"blocks_per_round": depth.blocks_per_round, "rounds": len(rounds), "removal_steps": rounds,
+                     "heal_tokens": sum(r["heal"]["tokens"] for r in rounds if "heal" in r)}
     info = save_model(model, tokenizer, PRUNED_MODEL, {
         "method": "depth",
         "source": base_record.get("source"),
         "criterion": depth.criterion,
         "mode": depth.mode,
-        "removed_blocks": removed,
+        "removed_blocks": removed,  # original indices (iterative: in removal order)
         "protected": protected,
         "scores": record["scores"],
-        **({"removal_steps": steps} if steps is not None else {}),
+        **iterative,
         "parameters_before": before,
     })
     after = info["parameters"]
-    print(f"prune: depth/{depth.criterion}/{depth.mode} removed blocks {removed} of {L}: "
+    healed = f", healed with {iterative['heal_tokens']:,} tokens" if iterative.get("heal_tokens") else ""
+    print(f"prune: depth/{depth.criterion}/{depth.mode} removed blocks {removed} of {L}{healed}: "
           f"{before['total']:,} -> {after['total']:,} parameters")
 
 

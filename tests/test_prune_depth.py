@@ -86,17 +86,72 @@ def test_iterative_ppl_follows_sleb(tiny):
     calib = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
     _, order = sleb_scores(model, calib, batch_size=3, n=2)
     pruned = copy.deepcopy(model)
-    removed, steps = prune_iterative(pruned, 2, ppl_scores(model, calib, 3, progress=False),
-                                     lambda m, k: ppl_scores(m, calib, 3, progress=False))
+    pruned, removed, steps = prune_iterative(pruned, 2, ppl_scores(model, calib, 3, progress=False),
+                                             lambda m, k: ppl_scores(m, calib, 3, progress=False))
     assert removed == order
     assert pruned.config.num_hidden_layers == 2 and steps[1]["blocks"] == [b for b in range(4) if b != order[0]]
 
 
 def test_iterative_never_removes_protected(tiny):
     model, _ = tiny
-    removed, _ = prune_iterative(model, 2, [0.0, 1, 2, 3], lambda m, k: [0.0] * m.config.num_hidden_layers,
-                                 protected=[0, 3])
+    _, removed, _ = prune_iterative(model, 2, [0.0, 1, 2, 3], lambda m, k: [0.0] * m.config.num_hidden_layers,
+                                    protected=[0, 3])
     assert sorted(removed) == [1, 2]
+
+
+def scaled_blocks(factors):
+    """A tiny model whose block i has its weight matrices scaled by factors[i]: magnitude ranks them."""
+    model, _ = make_tiny_model(f"layers={len(factors)},hidden=32,heads=2,kv_heads=1,mlp=64", seed=1)
+    with torch.no_grad():
+        for layer, f in zip(model.model.layers, factors):
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.mul_(f)
+    return model
+
+
+def test_healing_between_rounds_changes_the_next_choice_in_original_indices():
+    from shear.importance.blocks import block_magnitude, magnitude_scores
+
+    factors = [2.0, 4.0, 1.0, 5.0, 3.0]  # magnitude order: 2 < 0 < 4 < 1 < 3
+    _, plain, _ = prune_iterative(scaled_blocks(factors), 2, magnitude_scores(scaled_blocks(factors)),
+                                  lambda m, k: magnitude_scores(m))
+    assert plain == [2, 0]
+
+    seen = []
+
+    def heal(m, r):  # stands in for training: after round 0, original block 0 (now first) grows
+        seen.append([round(block_magnitude(layer)) for layer in m.model.layers])
+        with torch.no_grad():
+            if r == 0:
+                for p in m.model.layers[0].parameters():
+                    p.mul_(10)
+        return m, {"round": r}
+
+    model = scaled_blocks(factors)
+    model, removed, rounds = prune_iterative(model, 2, magnitude_scores(model), lambda m, k: magnitude_scores(m),
+                                             heal=heal)
+    assert removed == [2, 4]  # the healed block 0 is kept; block 4 (current index 3) goes, reported as 4
+    assert [r["removed"] for r in rounds] == [[2], [4]] and rounds[1]["blocks"] == [0, 1, 3, 4]
+    assert [r["heal"] for r in rounds] == [{"round": 0}, {"round": 1}]
+    assert len(seen[0]) == 4 and len(seen[1]) == 3  # healed after each round's removal, the last one included
+    assert model.config.num_hidden_layers == 3
+
+
+def test_rounds_of_several_blocks():
+    from shear.importance.blocks import magnitude_scores
+
+    factors = [2.0, 4.0, 1.0, 5.0, 3.0, 6.0]
+    first = magnitude_scores(scaled_blocks(factors))
+    # one round of n blocks is the one-shot choice
+    _, removed, rounds = prune_iterative(scaled_blocks(factors), 3, first, lambda m, k: magnitude_scores(m),
+                                         per_round=3)
+    assert sorted(removed) == select_blocks({"scores": first}, 3) == [0, 2, 4] and len(rounds) == 1
+    # 3 blocks, 2 per round: a round of 2 then a round of 1, each the lowest of the current model
+    calls = []
+    _, removed, rounds = prune_iterative(scaled_blocks(factors), 3, first,
+                                         lambda m, k: calls.append(k) or magnitude_scores(m), per_round=2)
+    assert removed == [2, 0, 4] and [r["removed"] for r in rounds] == [[2, 0], [4]] and calls == [1]
 
 
 LOGITS_SCRIPT = """
