@@ -237,6 +237,107 @@ def test_score_and_prune_stages(tmp_path, monkeypatch, tiny, shards):
         prune.main(stage_params(criterion="ppl+", ratio=None, num_blocks=3), None)
 
 
+@pytest.mark.parametrize("method", ["lora", "cpt"])
+def test_prune_and_heal_stage(tmp_path, monkeypatch, tiny, shards, method):
+    from transformers import AutoModelForCausalLM
+
+    from shear.data import calibration_batch
+    from stages import prune, prune_depth, score
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    params = stage_params(criterion="ppl", mode="iterative", ratio=None, num_blocks=2)
+    params.score.block_criteria = ["ppl"]
+    params.retrain.method, params.retrain.lr = method, 1e-3
+    params.retrain.batch_size, params.retrain.seq_len = 2, 32  # 64 tokens a step
+    params.mixture.eval_sequences = 2
+    score.main(params, None)
+
+    # heal_tokens 0 is today's iterative mode: SLEB's greedy order on the calibration rows
+    prune.main(params, None)
+    plain = read_json("data/models/pruned/shear.json")
+    calib = calibration_batch("data/shards", 4, 32, tok)
+    assert plain["removed_blocks"] == sleb_scores(model, calib, batch_size=2, n=2)[1]
+    assert plain["rounds"] == 2 and plain["heal_tokens"] == 0 and "heal" not in plain["removal_steps"][0]
+
+    # a failure while healing leaves the previous output as it was (written once, atomically)
+    params.prune.depth.heal_tokens = 256  # 2 rounds x 2 steps x 64 tokens
+    real_train = prune_depth.train
+    monkeypatch.setattr(prune_depth, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        prune.main(params, None)
+    assert read_json("data/models/pruned/shear.json") == plain
+    monkeypatch.setattr(prune_depth, "train", real_train)
+
+    prune.main(params, None)
+    info = read_json("data/models/pruned/shear.json")
+    steps = info["removal_steps"]
+    assert info["rounds"] == 2 and info["heal_tokens"] == 256 and info["blocks_per_round"] == 1
+    assert [s["heal"]["tokens"] for s in steps] == [128, 128] and all(s["heal"]["method"] == method for s in steps)
+    # original indices: round 2 chose among the blocks round 1 left, numbered as in the base model
+    assert info["removed_blocks"] == steps[0]["removed"] + steps[1]["removed"]
+    assert steps[1]["blocks"] == [b for b in range(4) if b not in steps[0]["removed"]]
+    assert steps[1]["removed"][0] in steps[1]["blocks"]
+    # round 1 chose from the base model's scores; round 2 scored the healed model, not the plain one
+    assert steps[0]["scores"] == plain["removal_steps"][0]["scores"]
+    if steps[0]["removed"] == plain["removal_steps"][0]["removed"]:
+        assert steps[1]["scores"] != plain["removal_steps"][1]["scores"]
+
+    # a plain checkpoint (LoRA merged) whose surviving blocks were trained
+    pruned = AutoModelForCausalLM.from_pretrained("data/models/pruned")
+    assert pruned.config.num_hidden_layers == 2 and not any("lora" in k for k in pruned.state_dict())
+    kept = [b for b in range(4) if b not in info["removed_blocks"]]
+    for j, b in enumerate(kept):
+        assert not torch.equal(pruned.model.layers[j].mlp.down_proj.weight, model.model.layers[b].mlp.down_proj.weight)
+
+
+def test_healing_budget_below_one_step_per_round_is_refused(tmp_path, monkeypatch, tiny, shards):
+    from stages import prune
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    (tmp_path / "reports" / "scores").mkdir(parents=True)
+    (tmp_path / "reports" / "scores" / "block_ppl.json").write_text(json.dumps({"scores": [1.0, 2, 3, 4]}))
+    params = stage_params(criterion="ppl", mode="iterative", ratio=None, num_blocks=2, heal_tokens=1000)
+    params.retrain.batch_size, params.retrain.seq_len = 2, 512
+    with pytest.raises(ShearError) as e:
+        prune.main(params, None)
+    assert str(e.value) == ("params.yaml: prune.depth.heal_tokens=1000 gives each of the 2 rounds 500 tokens, less "
+                            "than one retrain step of 1024 (retrain.batch_size x seq_len x grad_accum); set "
+                            "prune.depth.heal_tokens >= 2048 or 0")
+    assert not (tmp_path / "data" / "models" / "pruned").exists()
+
+
+@pytest.mark.parametrize("depth, retrain, message", [
+    ({"heal_tokens": 4096}, {}, "prune.depth.heal_tokens=4096 and prune.depth.blocks_per_round=1 need "
+                                "prune.depth.mode=iterative"),
+    ({"mode": "iterative", "blocks_per_round": 2, "criterion": "sleb"}, {},
+     "prune.depth.criterion=sleb keeps its own greedy order"),
+    ({"mode": "iterative", "heal_tokens": 4096}, {"method": "none"},
+     "prune.depth.heal_tokens=4096 heals with retrain.method, which is none; set retrain.method to lora or cpt"),
+])
+def test_bad_rounds_are_refused(depth, retrain, message):
+    from shear.config import parse_params
+
+    raw = {"prune": {"depth": depth}, "retrain": retrain,
+           "score": {"block_criteria": ["ppl", "ppl+", "sleb"]}}
+    with pytest.raises(ShearError, match=message):
+        parse_params(raw)
+    parse_params({**raw, "prune": {"method": "width", "depth": depth}})  # inert unless prune.method is depth
+
+
+def test_prune_settings_declare_healing_keys():
+    from shear.config import parse_params, prune_settings
+
+    plain = prune_settings(parse_params({"prune": {"depth": {"mode": "iterative"}}}))
+    healed = prune_settings(parse_params({"prune": {"depth": {"mode": "iterative", "heal_tokens": 4096}}}))
+    assert "retrain" not in plain and "prune.depth" in plain
+    assert {"retrain", "data.domain_weights", "mixture.eval_sequences"} <= set(healed)
+
 def test_removing_blocks_keeps_each_blocks_attention_type(tmp_path):
     """Gemma 3's local (sliding) and global layers: the survivors keep their own type, in the
     config (what the saved model is built from) and in the modules (what runs now)."""
