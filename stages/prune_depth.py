@@ -7,28 +7,33 @@ retrain section's method, optimizer and distillation, the retraining loop itself
 merged after every round), re-score it on the calibration set, repeat until n are gone
 (sleb is iterative already and keeps its order).
 
-The output is written once, atomically, at the end: a run killed while healing leaves the
-previous pruned model in place and starts again from the base model (healing is not resumed).
+With healing, every round ends with a checkpoint in data/checkpoints/prune/last/ (the healed
+weights, the sampler, the round records): a run killed while healing resumes after the last
+finished round, and gives what an uninterrupted run gives; a checkpoint of other params, base
+model, scores or shards is ignored. The output is written once, atomically, at the end.
 """
 import dataclasses
 import math
 
-from shear.config import HELDOUT_SEQ_LEN
-from shear.data import calibration_batch, load_domains
+import torch
+
+from shear.config import HELDOUT_SEQ_LEN, prune_settings
+from shear.data import calibration_batch, load_domains, load_manifest
 from shear.errors import ShearError
 from shear.importance.blocks import block_scores
-from shear.io import read_json
+from shear.io import file_digest, model_digest, read_json, run_hash
 from shear.mixture import build_sampler, heldout_rows
 from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
-from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORES, SHARDS
+from shear.paths import BASE_MODEL, PRUNE_CHECKPOINTS, PRUNED_MODEL, SCORES, SHARDS
 from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
                                select_blocks, target_setting)
 from shear.train import apply_lora, load_teacher, train
-from shear.trainer import check_seq_len, check_train_tokens, make_accelerator
+from shear.trainer import check_seq_len, check_train_tokens, make_accelerator, read_checkpoint, save_checkpoint
 
 
-def healer(params, model, tokenizer, rounds: int):
-    """heal(model, round) for `prune_iterative`: heal_tokens / rounds tokens of retraining per round.
+def healing(params, model, tokenizer, rounds: int):
+    """(heal, sampler): heal(model, round) gives `prune_iterative` heal_tokens / rounds tokens of retraining
+    per round, drawn from one fixed-mixture sampler (each round reads the next batches).
 
     Everything is checked here, before the first round: a budget below one optimizer step per
     round, sequences longer than the model's positions, shards without one training row.
@@ -43,7 +48,6 @@ def healer(params, model, tokenizer, rounds: int):
     check_seq_len("retrain", retrain.seq_len, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)
     check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
-    # One sampler for every round: each round reads the next batches, not the same ones again.
     sampler = build_sampler("fixed", domains, retrain.seq_len, params.run.seed, params.data.domain_weights)
     rows = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN)
     accelerator = make_accelerator(params.run.device)
@@ -52,6 +56,7 @@ def healer(params, model, tokenizer, rounds: int):
     device = model.device
 
     def heal(m, r):
+        torch.manual_seed(params.run.seed + r)  # LoRA's initial A: the same in a resumed run
         if retrain.method == "lora":
             m = apply_lora(m, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
         # returns a plain float32 CPU model, LoRA merged: the next round scores and cuts plain blocks
@@ -60,7 +65,17 @@ def healer(params, model, tokenizer, rounds: int):
         keep = ("method", "steps", "tokens", "loss_before", "loss_after", "train_s")
         return healed.to(device), {k: summary[k] for k in keep}
 
-    return heal
+    return heal, sampler
+
+
+def healing_run(params, scores_path) -> str:
+    """The hash of what defines a prune-and-heal run: a checkpoint of another run is not resumed."""
+    settings = prune_settings(params)
+    # retrain.tokens is the budget after pruning; the others do not change the weights
+    settings["retrain"] = {k: v for k, v in settings["retrain"].items()
+                           if k not in ("tokens", "checkpoint_every", "eval_every", "num_processes")}
+    return run_hash({"settings": settings, "base": model_digest(BASE_MODEL), "scores": file_digest([scores_path]),
+                     "shards": load_manifest(SHARDS)})
 
 
 def main(params, args):
@@ -84,14 +99,28 @@ def main(params, args):
     else:
         calib = calibration_batch(SHARDS, score.calib_sequences, score.calib_seq_len, tokenizer)
         unprotected_criterion = depth.criterion.rstrip("+")  # protection is applied by original index below
-        heal = healer(params, model, tokenizer, math.ceil(n / depth.blocks_per_round)) if depth.heal_tokens else None
 
         def rescore(m, k):
             return block_scores(m, calib, unprotected_criterion, n=k, batch_size=score.batch_size,
                                 seed=params.run.seed)[0]
 
+        heal, checkpoint, done = None, None, []
+        if depth.heal_tokens:
+            heal, sampler = healing(params, model, tokenizer, math.ceil(n / depth.blocks_per_round))
+            run_id = healing_run(params, scores_path)
+            resume = read_checkpoint(PRUNE_CHECKPOINTS, run_id, "prune")
+            if resume is not None:  # the model after the rounds done: base, their blocks removed, healed weights
+                done = resume["rounds"]
+                remove_blocks(model, [b for r in done for b in r["removed"]])
+                model.load_state_dict(resume["weights"])
+                sampler.load_state_dict(resume["sampler"])
+
+            def checkpoint(m, rounds):
+                save_checkpoint(PRUNE_CHECKPOINTS, run_id, len(rounds),
+                                {"weights": m.state_dict(), "sampler": sampler.state_dict(), "rounds": rounds})
+
         model, removed, rounds = prune_iterative(model, n, record["scores"], rescore, protected,
-                                                 depth.blocks_per_round, heal)
+                                                 depth.blocks_per_round, heal, done, checkpoint)
 
     iterative = {}
     if rounds is not None:

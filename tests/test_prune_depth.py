@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -262,17 +263,36 @@ def test_prune_and_heal_stage(tmp_path, monkeypatch, tiny, shards, method):
     assert plain["removed_blocks"] == sleb_scores(model, calib, batch_size=2, n=2)[1]
     assert plain["rounds"] == 2 and plain["heal_tokens"] == 0 and "heal" not in plain["removal_steps"][0]
 
-    # a failure while healing leaves the previous output as it was (written once, atomically)
+    # killed while healing round 2: the previous output stays (written once, atomically) ...
     params.prune.depth.heal_tokens = 256  # 2 rounds x 2 steps x 64 tokens
-    real_train = prune_depth.train
-    monkeypatch.setattr(prune_depth, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    real_train, calls = prune_depth.train, []
+
+    def dies_in_round_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(prune_depth, "train", dies_in_round_2)
     with pytest.raises(RuntimeError, match="killed"):
         prune.main(params, None)
     assert read_json("data/models/pruned/shear.json") == plain
+    # ... and the re-run resumes after round 1 (one more healing run) and equals an uninterrupted run
+    prune.main(params, None)
+    assert len(calls) == 3
+    resumed = read_json("data/models/pruned/shear.json")
+    resumed_weights = AutoModelForCausalLM.from_pretrained("data/models/pruned").state_dict()
+    shutil.rmtree("data/checkpoints/prune")
     monkeypatch.setattr(prune_depth, "train", real_train)
-
     prune.main(params, None)
     info = read_json("data/models/pruned/shear.json")
+    for a, b in zip(resumed["removal_steps"], info["removal_steps"]):
+        a["heal"].pop("train_s"), b["heal"].pop("train_s")
+    assert resumed == info
+    pruned = AutoModelForCausalLM.from_pretrained("data/models/pruned")
+    for name, tensor in pruned.state_dict().items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+
     steps = info["removal_steps"]
     assert info["rounds"] == 2 and info["heal_tokens"] == 256 and info["blocks_per_round"] == 1
     assert [s["heal"]["tokens"] for s in steps] == [128, 128] and all(s["heal"]["method"] == method for s in steps)
@@ -286,7 +306,6 @@ def test_prune_and_heal_stage(tmp_path, monkeypatch, tiny, shards, method):
         assert steps[1]["scores"] != plain["removal_steps"][1]["scores"]
 
     # a plain checkpoint (LoRA merged) whose surviving blocks were trained
-    pruned = AutoModelForCausalLM.from_pretrained("data/models/pruned")
     assert pruned.config.num_hidden_layers == 2 and not any("lora" in k for k in pruned.state_dict())
     kept = [b for b in range(4) if b not in info["removed_blocks"]]
     for j, b in enumerate(kept):

@@ -144,7 +144,9 @@ def select_blocks(record: dict, n: int, protected=()) -> list[int]:
 
 def prune_iterative(model, n: int, first_scores: list[float], score_fn: Callable[[object, int], list[float]],
                     protected=(), per_round: int = 1,
-                    heal: Callable[[object, int], tuple[object, dict]] | None = None) -> tuple[object, list[int], list[dict]]:
+                    heal: Callable[[object, int], tuple[object, dict]] | None = None,
+                    done: list[dict] = (), on_round: Callable[[object, list[dict]], None] | None = None,
+                    ) -> tuple[object, list[int], list[dict]]:
     """Remove `n` blocks in rounds of `per_round`, re-scoring (and healing) between rounds.
 
     `first_scores` rank the blocks of the unpruned model; before every later round
@@ -152,17 +154,21 @@ def prune_iterative(model, n: int, first_scores: list[float], score_fn: Callable
     healed) model. `heal(model, round)`, when given, trains the model after each round's
     removal and returns (the healed model, a summary for the record): prune-and-heal as
     Minitron advises beyond a third of the model. `protected` holds original block indices
-    that are never removed. Returns the model, the original indices in removal order and,
+    that are never removed. `done` continues a run from the round records it returned so far
+    (`model` is then the model after them); `on_round(model, records)` is called after each
+    round, e.g. to checkpoint. Returns the model, the original indices in removal order and,
     per round, the blocks it chose from (original indices), their scores, the blocks it
     removed and the healing summary.
     """
-    original = list(range(model.config.num_hidden_layers))  # original index of each current block
+    rounds = list(done)
+    removed = [b for r in rounds for b in r["removed"]]
+    # the original index of each current block
+    original = ([b for b in rounds[-1]["blocks"] if b not in rounds[-1]["removed"]] if rounds
+                else list(range(model.config.num_hidden_layers)))
     protected = set(protected)
-    removed, rounds = [], []
-    scores = first_scores
-    for r in tqdm(range(math.ceil(n / per_round)), desc="iterative pruning", unit="round"):
-        if r > 0:
-            scores = score_fn(model, n - len(removed))
+    total = math.ceil(n / per_round)
+    for r in tqdm(range(len(rounds), total), desc="iterative pruning", unit="round", initial=len(rounds), total=total):
+        scores = first_scores if r == 0 else score_fn(model, n - len(removed))
         candidates = [k for k, b in enumerate(original) if b not in protected]
         chosen = sorted(candidates, key=lambda k: (scores[k], k))[:min(per_round, n - len(removed))]
         record = {"blocks": list(original), "scores": [float(s) for s in scores],
@@ -173,4 +179,6 @@ def prune_iterative(model, n: int, first_scores: list[float], score_fn: Callable
         if heal is not None:
             model, record["heal"] = heal(model, r)
         rounds.append(record)
+        if on_round is not None:
+            on_round(model, rounds)
     return model, removed, rounds
