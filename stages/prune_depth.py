@@ -48,7 +48,9 @@ def healing(params, model, tokenizer, rounds: int):
     check_seq_len("retrain", retrain.seq_len, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)
     check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
-    sampler = build_sampler("fixed", domains, retrain.seq_len, params.run.seed, params.data.domain_weights)
+    # Seeded apart from retraining's sampler (run.seed), which would walk the same shuffled rows
+    # again: healing and the retraining after it read different rows, as one longer run does.
+    sampler = build_sampler("fixed", domains, retrain.seq_len, params.run.seed + 1, params.data.domain_weights)
     rows = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN)
     accelerator = make_accelerator(params.run.device)
     teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None

@@ -331,6 +331,23 @@ def test_healing_budget_below_one_step_per_round_is_refused(tmp_path, monkeypatc
     assert not (tmp_path / "data" / "models" / "pruned").exists()
 
 
+def test_healing_reads_other_rows_than_the_retraining_after_it(tmp_path, monkeypatch, tiny, shards):
+    from shear.data import load_domains
+    from shear.mixture import build_sampler
+    from stages.prune_depth import healing
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    params = stage_params(mode="iterative", heal_tokens=1024)
+    params.retrain.batch_size, params.retrain.seq_len, params.mixture.eval_sequences = 4, 32, 1
+    _, heal_sampler = healing(params, model, tok, rounds=2)
+    retrain_sampler = build_sampler("fixed", load_domains(shards, "train", tok), 32, params.run.seed)
+    healed_rows = {tuple(r.tolist()) for _ in range(4) for r in heal_sampler.next_batch(4)[0]}
+    retrain_rows = {tuple(r.tolist()) for _ in range(4) for r in retrain_sampler.next_batch(4)[0]}
+    assert not healed_rows & retrain_rows
+
 @pytest.mark.parametrize("depth, retrain, message", [
     ({"heal_tokens": 4096}, {}, "prune.depth.heal_tokens=4096 and prune.depth.blocks_per_round=1 need "
                                 "prune.depth.mode=iterative"),
