@@ -535,10 +535,6 @@ def _check_depth_rounds(p: Params, source: str) -> None:
         raise ConfigError(f"{source}: prune.depth.heal_tokens={depth.heal_tokens} and prune.depth.blocks_per_round="
                           f"{depth.blocks_per_round} need prune.depth.mode=iterative (one_shot removes every block "
                           "at once: set them to 0 and 1)")
-    if depth.mode == "iterative" and depth.criterion == "sleb" and (depth.heal_tokens or depth.blocks_per_round != 1):
-        raise ConfigError(f"{source}: prune.depth.criterion=sleb keeps its own greedy order (one block per step, no "
-                          "healing); for iterative prune-and-heal use prune.depth.criterion=ppl, which re-scores "
-                          "as SLEB does")
     if depth.mode == "iterative" and depth.heal_tokens and p.retrain.method == "none":
         raise ConfigError(f"{source}: prune.depth.heal_tokens={depth.heal_tokens} heals with retrain.method, "
                           "which is none; set retrain.method to lora or cpt, or prune.depth.heal_tokens to 0")
@@ -576,9 +572,11 @@ def prune_settings(p: Params) -> dict[str, Any]:
     keys = ["prune.method", "run.seed", "run.dtype"]
     if method == "depth":
         keys += ["run.device", "prune.depth", "score.keep_first", "score.keep_last"]
-        if p.prune.depth.mode == "iterative" and p.prune.depth.criterion != "sleb":  # re-scores on calibration
+        depth = p.prune.depth
+        rounds = depth.heal_tokens or depth.blocks_per_round != 1  # sleb keeps its order only without them
+        if depth.mode == "iterative" and (depth.criterion != "sleb" or rounds):  # re-scores on calibration
             keys += ["score.calib_sequences", "score.calib_seq_len", "score.batch_size"]
-        if p.prune.depth.mode == "iterative" and p.prune.depth.heal_tokens:  # heals with the retrain section's settings on the fixed mixture
+        if depth.mode == "iterative" and depth.heal_tokens:  # heals with retrain's settings on the fixed mixture
             keys += ["retrain", "data.domain_weights", "mixture.eval_sequences"]
     elif method == "width":
         keys += ["prune.target", "prune.width"]

@@ -5,7 +5,8 @@ one_shot: the n lowest-scoring unprotected blocks of reports/scores/block_<crite
 heal the smaller model with prune.depth.heal_tokens / rounds tokens of retraining (the
 retrain section's method, optimizer and distillation, the retraining loop itself, LoRA
 merged after every round), re-score it on the calibration set, repeat until n are gone
-(sleb is iterative already and keeps its order).
+(sleb is iterative already and keeps its order; with healing or several blocks a round it
+re-scores by ppl, SLEB's own step).
 
 With healing, every round ends with a checkpoint in data/checkpoints/prune/last/ (the healed
 weights, the sampler, the round records): a run killed while healing resumes after the last
@@ -95,16 +96,20 @@ def main(params, args):
     before = count_parameters(model)
 
     rounds = None
-    if depth.mode == "one_shot" or depth.criterion == "sleb":
+    sleb_order = depth.criterion == "sleb" and not depth.heal_tokens and depth.blocks_per_round == 1
+    if depth.mode == "one_shot" or sleb_order:
         removed = select_blocks(record, n, protected)
         remove_blocks(model, removed)
     else:
         calib = calibration_batch(SHARDS, score.calib_sequences, score.calib_seq_len, tokenizer)
-        unprotected_criterion = depth.criterion.rstrip("+")  # protection is applied by original index below
+        # protection is applied by original index below; SLEB's step is the ppl criterion on the current model
+        step_criterion = "ppl" if depth.criterion == "sleb" else depth.criterion.rstrip("+")
 
         def rescore(m, k):
-            return block_scores(m, calib, unprotected_criterion, n=k, batch_size=score.batch_size,
-                                seed=params.run.seed)[0]
+            return block_scores(m, calib, step_criterion, n=k, batch_size=score.batch_size, seed=params.run.seed)[0]
+
+        # a sleb record holds its greedy order, not the unpruned model's ppl scores: SLEB's first step is them
+        first_scores = rescore(model, n) if depth.criterion == "sleb" else record["scores"]
 
         heal, checkpoint, done = None, None, []
         if depth.heal_tokens:
@@ -121,7 +126,7 @@ def main(params, args):
                 save_checkpoint(PRUNE_CHECKPOINTS, run_id, len(rounds),
                                 {"weights": m.state_dict(), "sampler": sampler.state_dict(), "rounds": rounds})
 
-        model, removed, rounds = prune_iterative(model, n, record["scores"], rescore, protected,
+        model, removed, rounds = prune_iterative(model, n, first_scores, rescore, protected,
                                                  depth.blocks_per_round, heal, done, checkpoint)
 
     iterative = {}

@@ -312,6 +312,30 @@ def test_prune_and_heal_stage(tmp_path, monkeypatch, tiny, shards, method):
         assert not torch.equal(pruned.model.layers[j].mlp.down_proj.weight, model.model.layers[b].mlp.down_proj.weight)
 
 
+def test_sleb_with_healing_re_scores_by_ppl(tmp_path, monkeypatch, tiny, shards):
+    """SLEB's step is the ppl criterion on the current model: with healing, sleb and ppl prune alike."""
+    from stages import prune, score
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    params = stage_params(mode="iterative", ratio=None, num_blocks=2, heal_tokens=256)
+    params.score.block_criteria = ["ppl", "sleb"]
+    params.retrain.method, params.retrain.batch_size, params.retrain.seq_len = "cpt", 2, 32
+    params.mixture.eval_sequences = 1
+    score.main(params, None)
+    runs = {}
+    for criterion in ("sleb", "ppl"):
+        params.prune.depth.criterion = criterion
+        prune.main(params, None)
+        info = read_json("data/models/pruned/shear.json")
+        for step in info["removal_steps"]:
+            step["heal"].pop("train_s")
+        runs[criterion] = info
+    assert runs["sleb"]["removal_steps"] == runs["ppl"]["removal_steps"]
+    assert runs["sleb"]["removed_blocks"] == runs["ppl"]["removed_blocks"]
+
 def test_healing_budget_below_one_step_per_round_is_refused(tmp_path, monkeypatch, tiny, shards):
     from stages import prune
 
@@ -351,16 +375,13 @@ def test_healing_reads_other_rows_than_the_retraining_after_it(tmp_path, monkeyp
 @pytest.mark.parametrize("depth, retrain, message", [
     ({"heal_tokens": 4096}, {}, "prune.depth.heal_tokens=4096 and prune.depth.blocks_per_round=1 need "
                                 "prune.depth.mode=iterative"),
-    ({"mode": "iterative", "blocks_per_round": 2, "criterion": "sleb"}, {},
-     "prune.depth.criterion=sleb keeps its own greedy order"),
     ({"mode": "iterative", "heal_tokens": 4096}, {"method": "none"},
      "prune.depth.heal_tokens=4096 heals with retrain.method, which is none; set retrain.method to lora or cpt"),
 ])
 def test_bad_rounds_are_refused(depth, retrain, message):
     from shear.config import parse_params
 
-    raw = {"prune": {"depth": depth}, "retrain": retrain,
-           "score": {"block_criteria": ["ppl", "ppl+", "sleb"]}}
+    raw = {"prune": {"depth": depth}, "retrain": retrain}
     with pytest.raises(ShearError, match=message):
         parse_params(raw)
     parse_params({**raw, "prune": {"method": "width", "depth": depth}})  # inert unless prune.method is depth
