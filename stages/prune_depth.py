@@ -33,19 +33,21 @@ from shear.trainer import check_seq_len, check_train_tokens, make_accelerator, r
 
 
 def healing(params, model, tokenizer, rounds: int):
-    """(heal, sampler): heal(model, round) gives `prune_iterative` heal_tokens / rounds tokens of retraining
-    per round, drawn from one fixed-mixture sampler (each round reads the next batches).
+    """(heal, sampler): heal(model, round) gives `prune_iterative` its round's share of heal_tokens of
+    retraining, drawn from one fixed-mixture sampler (each round reads the next batches).
 
-    Everything is checked here, before the first round: a budget below one optimizer step per
-    round, sequences longer than the model's positions, shards without one training row.
+    The budget buys whole optimizer steps, dealt out evenly (the first rounds get one more when
+    they do not divide), so the rounds together spend heal_tokens rounded down to a step, not
+    per round. Everything is checked here, before the first round: fewer steps than rounds,
+    sequences longer than the model's positions, shards without one training row.
     """
     depth, retrain = params.prune.depth, params.retrain
-    per_round = depth.heal_tokens // rounds
     step = retrain.batch_size * retrain.seq_len * retrain.grad_accum  # one process: healing is not distributed
-    if per_round < step:
-        raise ShearError(f"params.yaml: prune.depth.heal_tokens={depth.heal_tokens} gives each of the {rounds} rounds "
-                         f"{per_round} tokens, less than one retrain step of {step} (retrain.batch_size x seq_len x "
-                         f"grad_accum); set prune.depth.heal_tokens >= {rounds * step} or 0")
+    steps = depth.heal_tokens // step
+    if steps < rounds:
+        raise ShearError(f"params.yaml: prune.depth.heal_tokens={depth.heal_tokens} pays for {steps} retrain steps of "
+                         f"{step} tokens (retrain.batch_size x seq_len x grad_accum), fewer than the {rounds} rounds; "
+                         f"set prune.depth.heal_tokens >= {rounds * step} or 0")
     check_seq_len("retrain", retrain.seq_len, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)
     check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
@@ -55,7 +57,6 @@ def healing(params, model, tokenizer, rounds: int):
     rows = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN)
     accelerator = make_accelerator(params.run.device)
     teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None
-    cfg = dataclasses.replace(retrain, tokens=per_round)
     device = model.device
 
     def heal(m, r):
@@ -63,6 +64,8 @@ def healing(params, model, tokenizer, rounds: int):
         if retrain.method == "lora":
             m = apply_lora(m, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
         # returns a plain float32 CPU model, LoRA merged: the next round scores and cuts plain blocks
+        share = steps // rounds + (r < steps % rounds)
+        cfg = dataclasses.replace(retrain, tokens=share * step)
         healed, summary = train(m, sampler, cfg, accelerator, teacher=teacher, eval_rows=rows,
                                 seed=params.run.seed + r)
         keep = ("method", "steps", "tokens", "loss_before", "loss_after", "train_s")

@@ -264,7 +264,7 @@ def test_prune_and_heal_stage(tmp_path, monkeypatch, tiny, shards, method):
     assert plain["rounds"] == 2 and plain["heal_tokens"] == 0 and "heal" not in plain["removal_steps"][0]
 
     # killed while healing round 2: the previous output stays (written once, atomically) ...
-    params.prune.depth.heal_tokens = 256  # 2 rounds x 2 steps x 64 tokens
+    params.prune.depth.heal_tokens = 350  # 5 steps of 64 tokens: 3 in round 1, 2 in round 2
     real_train, calls = prune_depth.train, []
 
     def dies_in_round_2(*args, **kwargs):
@@ -294,8 +294,8 @@ def test_prune_and_heal_stage(tmp_path, monkeypatch, tiny, shards, method):
         assert torch.equal(tensor, resumed_weights[name]), name
 
     steps = info["removal_steps"]
-    assert info["rounds"] == 2 and info["heal_tokens"] == 256 and info["blocks_per_round"] == 1
-    assert [s["heal"]["tokens"] for s in steps] == [128, 128] and all(s["heal"]["method"] == method for s in steps)
+    assert info["rounds"] == 2 and info["heal_tokens"] == 320 and info["blocks_per_round"] == 1
+    assert [s["heal"]["tokens"] for s in steps] == [192, 128] and all(s["heal"]["method"] == method for s in steps)
     # original indices: round 2 chose among the blocks round 1 left, numbered as in the base model
     assert info["removed_blocks"] == steps[0]["removed"] + steps[1]["removed"]
     assert steps[1]["blocks"] == [b for b in range(4) if b not in steps[0]["removed"]]
@@ -345,12 +345,12 @@ def test_healing_budget_below_one_step_per_round_is_refused(tmp_path, monkeypatc
     (tmp_path / "data" / "shards").symlink_to(shards)
     (tmp_path / "reports" / "scores").mkdir(parents=True)
     (tmp_path / "reports" / "scores" / "block_ppl.json").write_text(json.dumps({"scores": [1.0, 2, 3, 4]}))
-    params = stage_params(criterion="ppl", mode="iterative", ratio=None, num_blocks=2, heal_tokens=1000)
+    params = stage_params(criterion="ppl", mode="iterative", ratio=None, num_blocks=2, heal_tokens=1100)
     params.retrain.batch_size, params.retrain.seq_len = 2, 512
     with pytest.raises(ShearError) as e:
         prune.main(params, None)
-    assert str(e.value) == ("params.yaml: prune.depth.heal_tokens=1000 gives each of the 2 rounds 500 tokens, less "
-                            "than one retrain step of 1024 (retrain.batch_size x seq_len x grad_accum); set "
+    assert str(e.value) == ("params.yaml: prune.depth.heal_tokens=1100 pays for 1 retrain steps of 1024 tokens "
+                            "(retrain.batch_size x seq_len x grad_accum), fewer than the 2 rounds; set "
                             "prune.depth.heal_tokens >= 2048 or 0")
     assert not (tmp_path / "data" / "models" / "pruned").exists()
 
