@@ -142,8 +142,9 @@ class DepthParams:
     """Depth pruning: remove whole blocks (Shortened LLaMA, Kim et al. 2024)."""
 
     # a block criterion of score.block_criteria. ppl+ is the paper's PPL: Shortened LLaMA's code
-    # (block_prune.py) keeps the first 4 and last 2 blocks for every criterion unless told not to,
-    # and its released models were made so; plain ppl / taylor are its unprotected ablations
+    # (block_prune.py) keeps the first 4 and last 2 blocks for every criterion unless told not to
+    # (--no_plus_heuristic, which none of its scripts passes; its released models were made so); plain
+    # taylor / magnitude are the paper's unprotected ablations, plain ppl stays for comparison
     criterion: str = "ppl+"
     # fraction of the block parameters to remove (rounded to whole blocks)
     ratio: Optional[float] = field(default=0.2, metadata=_range(0, 1, True, True))
@@ -573,8 +574,8 @@ def prune_settings(p: Params) -> dict[str, Any]:
     if method == "depth":
         keys += ["run.device", "prune.depth", "score.keep_first", "score.keep_last"]
         depth = p.prune.depth
-        rounds = depth.heal_tokens or depth.blocks_per_round != 1  # sleb keeps its order only without them
-        if depth.mode == "iterative" and (depth.criterion != "sleb" or rounds):  # re-scores on calibration
+        in_rounds = depth.heal_tokens or depth.blocks_per_round != 1  # sleb keeps its order only without them
+        if depth.mode == "iterative" and (depth.criterion != "sleb" or in_rounds):  # re-scores on calibration
             keys += ["score.calib_sequences", "score.calib_seq_len", "score.batch_size"]
         if depth.mode == "iterative" and depth.heal_tokens:  # heals with retrain's settings on the fixed mixture
             keys += ["retrain", "data.domain_weights", "mixture.eval_sequences"]

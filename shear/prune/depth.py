@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -145,7 +145,7 @@ def select_blocks(record: dict, n: int, protected=()) -> list[int]:
 def prune_iterative(model, n: int, first_scores: list[float], score_fn: Callable[[object, int], list[float]],
                     protected=(), per_round: int = 1,
                     heal: Callable[[object, int], tuple[object, dict]] | None = None,
-                    done: list[dict] = (), on_round: Callable[[object, list[dict]], None] | None = None,
+                    done: Sequence[dict] = (), on_round: Callable[[object, list[dict]], None] | None = None,
                     ) -> tuple[object, list[int], list[dict]]:
     """Remove `n` blocks in rounds of `per_round`, re-scoring (and healing) between rounds.
 
