@@ -144,11 +144,21 @@ class TargetShape:
 class DepthParams:
     """Depth pruning: remove whole blocks (Shortened LLaMA, Kim et al. 2024)."""
 
-    criterion: str = "ppl"  # a block criterion of score.block_criteria
+    # a block criterion of score.block_criteria. ppl+ is the paper's PPL: Shortened LLaMA's code
+    # (block_prune.py) keeps the first 4 and last 2 blocks for every criterion unless told not to
+    # (--no_plus_heuristic, which none of its scripts passes; its released models were made so); plain
+    # taylor / magnitude are the paper's unprotected ablations, plain ppl stays for comparison
+    criterion: str = "ppl+"
     # fraction of the block parameters to remove (rounded to whole blocks)
     ratio: Optional[float] = field(default=0.2, metadata=_range(0, 1, True, True))
     num_blocks: Optional[int] = field(default=None, metadata=_range(1))  # overrides ratio
     mode: Literal["one_shot", "iterative"] = "one_shot"
+    # iterative: blocks removed per round, the model re-scored between rounds
+    blocks_per_round: int = field(default=1, metadata=_range(1))
+    # iterative: tokens spent healing inside the prune stage, split evenly over the rounds (after
+    # each round's removal), with retrain's method, optimizer and distillation (Minitron: prune at
+    # most ~1/3 in one shot, iteratively beyond); 0 = no healing
+    heal_tokens: int = field(default=0, metadata=_range(0))
 
 
 @dataclass
@@ -474,6 +484,8 @@ def _check_cross_fields(p: Params, source: str) -> None:
     if depth.criterion not in BLOCK_CRITERIA:
         raise ConfigError(f"{source}: prune.depth.criterion={depth.criterion!r} is not valid; "
                           f"choose one of {', '.join(BLOCK_CRITERIA)}")
+    if p.prune.method == "depth":
+        _check_depth_rounds(p, source)
     if p.prune.method == "depth" and depth.ratio is None and depth.num_blocks is None:
         raise ConfigError(f"{source}: prune.method=depth needs prune.depth.ratio in (0, 1) "
                           "or prune.depth.num_blocks >= 1")
@@ -520,6 +532,18 @@ def _check_cross_fields(p: Params, source: str) -> None:
             raise ConfigError(f"{source}: evaluate.speed.batch_sizes has {b}; each batch size must be >= 1")
 
 
+def _check_depth_rounds(p: Params, source: str) -> None:
+    """prune.depth.blocks_per_round and heal_tokens: iterative mode only, and healing needs a method."""
+    depth = p.prune.depth
+    if depth.mode == "one_shot" and (depth.heal_tokens or depth.blocks_per_round != 1):
+        raise ConfigError(f"{source}: prune.depth.heal_tokens={depth.heal_tokens} and prune.depth.blocks_per_round="
+                          f"{depth.blocks_per_round} need prune.depth.mode=iterative (one_shot removes every block "
+                          "at once: set them to 0 and 1)")
+    if depth.mode == "iterative" and depth.heal_tokens and p.retrain.method == "none":
+        raise ConfigError(f"{source}: prune.depth.heal_tokens={depth.heal_tokens} heals with retrain.method, "
+                          "which is none; set retrain.method to lora or cpt, or prune.depth.heal_tokens to 0")
+
+
 # ----------------------------------------------------------------------------- what a stage reads
 # The prune and retrain stages read different keys for different methods, which dvc.yaml's
 # static `params:` lists cannot say. The params stage writes these resolved settings to
@@ -554,8 +578,12 @@ def prune_settings(p: Params) -> dict[str, Any]:
     keys = ["prune.method", "run.seed", "run.dtype"]
     if method == "depth":
         keys += ["run.device", "prune.depth", "score.keep_first", "score.keep_last"]
-        if p.prune.depth.mode == "iterative" and p.prune.depth.criterion != "sleb":  # re-scores on calibration
+        depth = p.prune.depth
+        in_rounds = depth.heal_tokens or depth.blocks_per_round != 1  # sleb keeps its order only without them
+        if depth.mode == "iterative" and (depth.criterion != "sleb" or in_rounds):  # re-scores on calibration
             keys += ["score.calib_sequences", "score.calib_seq_len", "score.batch_size"]
+        if depth.mode == "iterative" and depth.heal_tokens:  # heals with retrain's settings on the fixed mixture
+            keys += ["retrain", "data.domain_weights", "mixture.eval_sequences"]
     elif method == "width":
         keys += ["prune.target", "prune.width"]
     else:
