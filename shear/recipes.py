@@ -47,8 +47,10 @@ TARGET = "evaluate@retrained"  # what a row runs: no speed, export or report
 BASE_EVAL = "reports/eval/base/metrics.json"
 RETRAINED_EVAL = "reports/eval/retrained/metrics.json"
 TRAIN_METRICS = ("reports/train/prune/metrics.json", "reports/train/retrain/metrics.json")
-SEED_RECIPE = "ppl-cpt"        # Shortened LLaMA v2: the strongest seed recipe (the target's reference)
-PHASE1_CRITERIA = ("ppl", "bi", "sleb")  # block criteria compared under CPT
+SEED_RECIPE = "ppl+-cpt"       # Shortened LLaMA v2: the strongest seed recipe (the target's reference)
+# block criteria compared under CPT; ppl+ is the paper's PPL (first 4 / last 2 blocks protected, as the
+# released Shortened LLaMA models were made), bi (ShortGPT) and sleb (SLEB) as their papers: unprotected
+PHASE1_CRITERIA = ("ppl+", "bi", "sleb")
 # score.block_criteria when a row prunes with sleb (it is not in the default list: ~6x ppl's cost)
 SCORE_WITH_SLEB = ["ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "random", "sleb"]
 HEAL_FRACTION = 0.25           # iterative rows spend a quarter of the budget healing between removals
@@ -91,7 +93,8 @@ class RowResult:
 def depth(criterion: str, ratio: float, retraining: dict) -> dict:
     """Overrides of one depth-pruning row."""
     out = {"prune.method": "depth", "prune.depth.criterion": criterion, "prune.depth.ratio": ratio,
-           "prune.depth.mode": "one_shot", "retrain.tokens": RECIPE_TOKENS, **retraining}
+           "prune.depth.mode": "one_shot", "prune.depth.heal_tokens": 0, "retrain.tokens": RECIPE_TOKENS,
+           **retraining}
     if criterion == "sleb":
         out["score.block_criteria"] = SCORE_WITH_SLEB
     return out
@@ -108,12 +111,12 @@ def phase1() -> list[Recipe]:
     """The seeds' recipes and the other criteria under CPT, at 20% and 35% of blocks."""
     rows = []
     for pct, ratio in RATIOS.items():
-        rows += [Recipe(f"ppl-lora-{pct}", f"ppl + LoRA, {pct}% (Shortened LLaMA v1)", 1, depth("ppl", ratio, LORA)),
+        rows += [Recipe(f"ppl+-lora-{pct}", f"ppl+ + LoRA, {pct}% (Shortened LLaMA v1)", 1, depth("ppl+", ratio, LORA)),
                  Recipe(f"taylor+-lora-{pct}", f"taylor+ + LoRA, {pct}% (Shortened LLaMA v1)", 1,
                         depth("taylor+", ratio, LORA)),
-                 Recipe(f"ppl-cpt-{pct}", f"ppl + CPT, {pct}% (Shortened LLaMA v2)", 1, depth("ppl", ratio, CPT))]
+                 Recipe(f"ppl+-cpt-{pct}", f"ppl+ + CPT, {pct}% (Shortened LLaMA v2)", 1, depth("ppl+", ratio, CPT))]
         rows += [Recipe(f"{c}-cpt-{pct}", f"{c} + CPT, {pct}%", 1, depth(c, ratio, CPT))
-                 for c in PHASE1_CRITERIA if c != "ppl"]
+                 for c in PHASE1_CRITERIA if c != "ppl+"]
     return rows
 
 
@@ -127,7 +130,7 @@ def phase2(criterion: str) -> list[Recipe]:
                  Recipe(f"{criterion}-kdh-{pct}", f"{criterion} + CPT + KD + hidden-state KD, {pct}%", 2,
                         depth(criterion, ratio, KD_HIDDEN)),
                  Recipe(f"{criterion}-iter-{pct}", f"{criterion} iterative prune-and-heal + CPT, {pct}%", 2,
-                        {**depth(criterion, ratio, CPT), "prune.depth.mode": "iterative",
+                        {**depth(criterion, ratio, CPT), "prune.depth.mode": "iterative",  # one block a round
                          "prune.depth.heal_tokens": heal, "retrain.tokens": RECIPE_TOKENS - heal})]
     return rows
 

@@ -55,13 +55,13 @@ def test_log_ratio_is_the_mean_loss_difference():
 def test_phase1_has_the_seed_recipes_and_criteria_at_both_ratios():
     rows = {r.row: r for r in phase1()}
     for pct, ratio in RATIOS.items():
-        for name in ("ppl-lora", "taylor+-lora", "ppl-cpt", "bi-cpt", "sleb-cpt"):
+        for name in ("ppl+-lora", "taylor+-lora", "ppl+-cpt", "bi-cpt", "sleb-cpt"):
             r = rows[f"{name}-{pct}"]
             assert r.overrides["prune.depth.ratio"] == ratio
             assert r.overrides["retrain.tokens"] == RECIPE_TOKENS
     assert "sleb" in rows["sleb-cpt-20"].overrides["score.block_criteria"]
     assert "score.block_criteria" not in rows["bi-cpt-20"].overrides
-    assert rows["ppl-lora-20"].set_args()[:2] == ["-S", 'prune.method="depth"']
+    assert rows["ppl+-lora-20"].set_args()[:2] == ["-S", 'prune.method="depth"']
 
 
 def test_later_phases_wait_for_the_winners():
@@ -81,7 +81,7 @@ def test_later_phases_wait_for_the_winners():
     shifts |= {f"bi-{k}-{p}": 0.4 for k in ("kdh", "iter") for p in RATIOS} | {"bi-kd-20": 0.1, "bi-kd-35": 0.2}
     done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
     rows = {r.row: r for r in plan(done, 500)}
-    assert {"half-depth-kd", "half-width-kd", "half-sheared-kd", "ppl-cpt-20-seed1", "bi-kd-20-seed1"} <= set(rows)
+    assert {"half-depth-kd", "half-width-kd", "half-sheared-kd", "ppl+-cpt-20-seed1", "bi-kd-20-seed1"} <= set(rows)
     assert rows["half-width-kd"].overrides["prune.target.params"] == 500
     assert rows["half-sheared-kd"].overrides["retrain.distill"] == 1.0
     assert rows["bi-kd-20-seed1"].overrides["run.seed"] == 1
@@ -96,12 +96,12 @@ def test_unfinished_rows_do_not_count():
 
 
 def test_table_and_target():
-    shifts = {r.row: 0.5 for r in phase1()} | {"ppl-cpt-20": 0.4, "ppl-cpt-35": 0.6, "bi-cpt-20": 0.3}
+    shifts = {r.row: 0.5 for r in phase1()} | {"ppl+-cpt-20": 0.4, "ppl+-cpt-35": 0.6, "bi-cpt-20": 0.3}
     found = results(exp_show(shifts))
     done = {n: row_numbers(r) for n, r in found.items()}
-    assert done[EXP_PREFIX + "ppl-cpt-20"]["wall_s"] == 600.0  # evaluation 60 s + training 540 s
+    assert done[EXP_PREFIX + "ppl+-cpt-20"]["wall_s"] == 600.0  # evaluation 60 s + training 540 s
     text = render(plan(done, 400), done, found)
-    assert "| ppl-cpt-20 | ppl + CPT, 20% (Shortened LLaMA v2) | 0.400 | 0.400 | 0.30 ± 0.05 |" in text
-    assert "20% @128: best bi-cpt-20 0.300 vs ppl-cpt 0.400: +25.0% (met" in text
-    assert "35% @128: best bi-cpt-35 0.500 vs ppl-cpt 0.600: +16.7% (met" in text
+    assert "| ppl+-cpt-20 | ppl+ + CPT, 20% (Shortened LLaMA v2) | 0.400 | 0.400 | 0.30 ± 0.05 |" in text
+    assert "20% @128: best bi-cpt-20 0.300 vs ppl+-cpt 0.400: +25.0% (met" in text
+    assert "35% @128: best bi-cpt-35 0.500 vs ppl+-cpt 0.600: +16.7% (met" in text
     assert "half size: not measured yet" in text
