@@ -1,5 +1,6 @@
-"""Retraining: LoRA / CPT reduce the loss, LoRA merges exactly, resume is exact, distillation,
-a 2-process run of the stage through accelerate (gloo), and the user-facing errors."""
+"""Retraining: LoRA / CPT reduce the loss, LoRA merges exactly, resume is exact, each method's
+optimizer recipe and schedule, distillation (logits, pure KD, hidden states), a 2-process run of
+the stage through accelerate (gloo), and the user-facing errors."""
 import json
 import os
 import subprocess
@@ -10,14 +11,15 @@ import pytest
 import torch
 import yaml
 
-from shear.config import RetrainParams
+from shear.config import RetrainParams, parse_params, retrain_settings
 from shear.data import build_shards, load_domains
-from shear.distill import distill_kl, retrain_loss
+from shear.distill import BlockMap, block_map, distill_kl, hidden_state_loss, retrain_loss
 from shear.errors import ShearError
 from shear.io import trim_logs
 from shear.mixture import build_sampler, heldout_rows
 from shear.models import make_tiny_model, save_model
-from shear.train import apply_lora, load_teacher, train
+from shear.prune.depth import remove_blocks
+from shear.train import Retraining, apply_lora, decoder_layers, load_teacher, train
 from shear.trainer import check_seq_len, check_train_tokens, lr_factor, make_accelerator, plan_run, read_checkpoint
 from tests.conftest import REPO, full_params
 
@@ -155,6 +157,50 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
+def test_linear_schedule_is_the_hf_trainers_after_warmup():
+    from transformers.optimization import _get_linear_schedule_with_warmup_lr_lambda as hf_linear
+
+    factors = [lr_factor(s, 20, 4, "linear") for s in range(20)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # the shared warm-up
+    assert factors[4:] == pytest.approx([hf_linear(s, num_warmup_steps=4, num_training_steps=20) for s in range(4, 20)])
+    assert factors[-1] == pytest.approx(1 / 16) and all(a > b for a, b in zip(factors[4:], factors[5:]))
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        lr_factor(5, 20, 4, "step")
+
+
+def test_each_method_trains_with_its_papers_recipe(accelerator, shards, monkeypatch):
+    """LoRA: Shortened LLaMA's HF Trainer defaults; CPT: Sheared-LLaMA's; the other method's section is not read."""
+    import shear.train
+
+    defaults = parse_params({})
+    lora, cpt = defaults.retrain.lora, defaults.retrain.cpt
+    assert (lora.weight_decay, lora.betas, lora.schedule) == (0.0, [0.9, 0.999], "linear")
+    assert (cpt.weight_decay, cpt.betas, cpt.schedule) == (0.0, [0.9, 0.95], "cosine")
+    edited = parse_params({"retrain": {"cpt": {"betas": [0.8, 0.9]}}})
+    assert retrain_settings(edited) == retrain_settings(defaults)  # a LoRA run does not read retrain.cpt
+    as_cpt = parse_params({"retrain": {"method": "cpt", "cpt": {"betas": [0.8, 0.9]}}})
+    assert as_cpt.retrain.recipe.betas == [0.8, 0.9] and "retrain.lora" not in retrain_settings(as_cpt)
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(model, optimizer, objective, *args, lr_schedule, **kwargs):
+        seen.update(schedule=lr_schedule, betas=optimizer.defaults["betas"],
+                    decay={g["weight_decay"] for g in optimizer.param_groups if g["params"][0].dim() >= 2})
+        raise Stop
+
+    monkeypatch.setattr(shear.train, "fit", fake_fit)
+    for method, recipe in (("lora", {"weight_decay": 0.1, "betas": [0.9, 0.98], "schedule": "cosine"}), ("cpt", {})):
+        cfg = settings(method, 2, **{method: type(getattr(RetrainParams(), method))(**recipe)})
+        with pytest.raises(Stop):
+            run(accelerator, shards, cfg)
+        want = cfg.recipe
+        assert seen == {"schedule": want.schedule, "betas": tuple(want.betas),
+                        "decay": {want.weight_decay}}, method
+
+
 def test_errors(tmp_path):
     with pytest.raises(ShearError, match=r"retrain.tokens=100 is smaller than one optimizer step of 256"):
         plan_run("retrain", 100, 2, 64, 2, 1, 0.1)
@@ -165,7 +211,8 @@ def test_errors(tmp_path):
     model, _ = make_tiny_model(SPEC, seed=0)
     with pytest.raises(ShearError, match=r"'qkv_proj'.*valid: down_proj, gate_proj, k_proj, o_proj, q_proj"):
         apply_lora(model, 8, 16, 0.05, ["q_proj", "qkv_proj"])
-    with pytest.raises(ShearError, match=r"retrain.distill > 0 needs the teacher .*missing"):
+    with pytest.raises(ShearError, match=r"retrain.distill > 0 \(or retrain.distill_hidden > 0\) needs the teacher "
+                                         r".*missing"):
         load_teacher(tmp_path / "base", model, torch.device("cpu"))
     with pytest.raises(ShearError, match=r"retrain.seq_len=256 tokens \(the largest holds 100\)"):
         check_train_tokens("retrain", {"a": np.zeros((1, 100)), "b": np.zeros((0, 64))}, 256, tmp_path)
@@ -233,7 +280,8 @@ def test_method_none_copies_the_pruned_model(tmp_path, shards, tiny, monkeypatch
 @pytest.mark.parametrize("stage,change,message", [
     ("retrain", {"tokens": 10}, r"retrain.tokens=10 is smaller than one optimizer step"),
     ("retrain", {"seq_len": 4096}, r"retrain.seq_len=4096 is longer than the model's max_position_embeddings=2048"),
-    ("retrain", {"distill": 0.5}, r"retrain.distill > 0 needs the teacher data/models/base"),
+    ("retrain", {"distill": 0.5}, r"needs the teacher data/models/base"),
+    ("retrain", {"distill_hidden": 1.0}, r"needs the teacher data/models/base"),
     ("prune_sheared", {"tokens": 10}, r"prune.sheared.tokens=10 is smaller than one optimizer step"),
     ("prune_sheared", {"seq_len": 4096}, r"prune.sheared.seq_len=4096 is longer than the model's "
                                          r"max_position_embeddings=2048"),
