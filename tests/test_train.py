@@ -94,13 +94,21 @@ class Killed(Exception):
     """Stands in for the process being killed mid-run."""
 
 
-@pytest.mark.parametrize("method,grad_accum,mixture", [("cpt", 2, "fixed"), ("lora", 1, "dynamic")])
-def test_resume_equals_uninterrupted(accelerator, shards, tmp_path, capsys, method, grad_accum, mixture):
+WIDE = "layers=4,hidden=128,heads=4,kv_heads=2,mlp=128"  # a teacher twice as wide as SPEC, from which SPEC's 2 blocks came
+
+
+@pytest.mark.parametrize("method,grad_accum,mixture,hidden", [("cpt", 2, "fixed", False), ("lora", 1, "dynamic", False),
+                                                              ("cpt", 1, "fixed", True)])
+def test_resume_equals_uninterrupted(accelerator, shards, tmp_path, capsys, method, grad_accum, mixture, hidden):
     steps = 6
-    cfg = settings(method, steps, grad_accum=grad_accum, checkpoint_every=2)
+    cfg = settings(method, steps, grad_accum=grad_accum, checkpoint_every=2,
+                   **({"distill": 0.5, "distill_hidden": 1.0} if hidden else {}))
     update_every = 2 if mixture == "dynamic" else None
+    # hidden: distilled through the learned width map, whose weights the checkpoint must restore
+    teacher = {"teacher": make_tiny_model(WIDE, seed=3)[0].requires_grad_(False),
+               "mapping": BlockMap([1, 3], None)} if hidden else {}
     reference, expected_summary = run(accelerator, shards, cfg, sampler=make_sampler(shards, mixture),
-                                      update_every=update_every)
+                                      update_every=update_every, **teacher)
 
     # Killed while drawing the batches of step 5: the checkpoint of step 4 survives.
     sampler = make_sampler(shards, mixture)
@@ -115,12 +123,13 @@ def test_resume_equals_uninterrupted(accelerator, shards, tmp_path, capsys, meth
     sampler.next_batch = dying_next_batch
     with pytest.raises(Killed):
         run(accelerator, shards, cfg, sampler=sampler, update_every=update_every, checkpoint_dir=tmp_path,
-            run_id="run-a")
+            run_id="run-a", **teacher)
     state = read_checkpoint(tmp_path, "run-a", "retrain")
     assert state["step"] == 4
+    assert ("projection" in state["objective"]) == hidden
 
     resumed, summary = run(accelerator, shards, cfg, sampler=make_sampler(shards, mixture),
-                           update_every=update_every, checkpoint_dir=tmp_path, run_id="run-a", resume=state)
+                           update_every=update_every, checkpoint_dir=tmp_path, run_id="run-a", resume=state, **teacher)
     assert summary["resumed_from_step"] == 4 and summary["steps"] == steps
     assert summary["mixture_weights"] == pytest.approx(expected_summary["mixture_weights"], abs=1e-9)
     if mixture == "dynamic":  # three updates moved weight towards code, the domain furthest above its reference
@@ -148,6 +157,108 @@ def test_distillation_from_itself_has_zero_kl(accelerator, shards):
     # The distillation path of the loop runs (teacher = another model, half CE half KL).
     _, summary = run(accelerator, shards, settings("cpt", 2, distill=0.5), teacher=other.requires_grad_(False))
     assert summary["steps"] == 2
+
+
+def test_pure_kd_trains_on_the_kl_alone(accelerator, shards):
+    """retrain.distill = 1 is valid and is Minitron's pure logit distillation: loss = KL, CE only logged."""
+    assert parse_params({"retrain": {"method": "cpt", "distill": 1.0}}).retrain.distill == 1.0
+    student, _ = make_tiny_model(SPEC, seed=0)
+    teacher, _ = make_tiny_model(SPEC, seed=1)
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=x).logits
+    logits = student(input_ids=x).logits
+    loss, parts = retrain_loss(logits, x, teacher_logits, weight=1.0, temperature=2.0)
+    kl = distill_kl(logits, teacher_logits, 2.0)
+    assert set(parts) == {"ce", "kl"} and parts["ce"].item() > 1.0
+    (grad_loss,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (grad_kl,) = torch.autograd.grad(kl, logits)
+    assert torch.equal(grad_loss, grad_kl)  # no trace of the CE in what is trained on
+
+    # Through the loop: the student moves towards the teacher on held-out text.
+    held_out = heldout_rows(shards, make_tiny_model(SPEC)[1], 4, SEQ)["prose"]
+    with torch.no_grad():
+        held_out_teacher = teacher(input_ids=held_out).logits
+        before = distill_kl(student(input_ids=held_out).logits, held_out_teacher).item()
+    trained, summary = run(accelerator, shards, settings("cpt", 8, distill=1.0), teacher=teacher.requires_grad_(False))
+    with torch.no_grad():
+        after = distill_kl(trained(input_ids=held_out).logits, held_out_teacher).item()
+    assert after < 0.7 * before and summary["final_train_loss"] < 0.7 * before
+
+
+def zero_blocks(model, blocks):
+    """`model` with blocks that pass their input through unchanged (attention and MLP outputs zeroed)."""
+    for i in blocks:
+        layer = model.model.layers[i]
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["cosine", "nmse"])
+def test_hidden_loss_maps_blocks_by_their_original_index(tiny, kind):
+    """Zero when the student is the teacher, and after depth pruning of blocks that did nothing
+    (then each kept block computes exactly what the teacher block of its original index does)."""
+    import copy
+
+    teacher = zero_blocks(copy.deepcopy(tiny[0]), [1, 2]).requires_grad_(False)
+    x = torch.randint(0, 256, (2, 24))
+
+    def hidden_term(student, mapping):
+        objective = Retraining(teacher, student=student, hidden=1.0, hidden_loss=kind, mapping=mapping)
+        return objective.loss(student, x, 0)[1]["hidden"].item()
+
+    itself = copy.deepcopy(teacher)
+    assert hidden_term(itself, block_map({"method": "tiny"}, teacher.config, itself.config, "t")) < 1e-6
+    pruned = remove_blocks(copy.deepcopy(teacher), [1, 2])
+    mapping = block_map({"method": "depth", "removed_blocks": [2, 1]}, teacher.config, pruned.config, "p/shear.json")
+    assert mapping == BlockMap([0, 3], None)
+    assert hidden_term(pruned, mapping) < 1e-6
+    assert hidden_term(pruned, BlockMap([0, 1], None)) > 1e-3  # by position instead: block 3 against block 1
+
+
+def test_block_map_of_width_and_sheared_records_and_bad_records():
+    wide, narrow = make_tiny_model(WIDE)[0].config, make_tiny_model(SPEC)[0].config
+    record = {"method": "sheared", "kept": {"layers": [3, 1], "hidden": list(range(0, 128, 2))}}
+    assert block_map(record, wide, narrow, "p") == BlockMap([1, 3], list(range(0, 128, 2)))
+    with pytest.raises(ShearError, match=r"p/shear.json: the recorded blocks \[0, 2, 3\] do not map the pruned "
+                                         r"model's 2 blocks into the teacher's 4"):
+        block_map({"method": "depth", "removed_blocks": [1]}, wide, narrow, "p/shear.json")
+    with pytest.raises(ShearError, match=r"kept.hidden lists 3 channels of the teacher's 128"):
+        block_map({"kept": {"layers": [0, 1], "hidden": [0, 1, 2]}}, wide, narrow, "p")
+
+
+def test_hidden_distillation_gradients_reach_adapters_and_width_map_and_teacher_states_die():
+    """Hidden-state loss alone (no logit KD): gradients reach the LoRA adapters and the width map,
+    the teacher gets none, and no teacher activation outlives the step."""
+    import gc
+    import weakref
+
+    teacher, _ = make_tiny_model(WIDE, seed=3)
+    teacher.requires_grad_(False)
+    student, _ = make_tiny_model(SPEC, seed=0)
+    student = apply_lora(student, 4, 8, 0.0, ALL_LINEAR)
+    mapping = block_map({"kept": {"layers": [1, 3], "hidden": list(range(0, 128, 2))}}, teacher.config,
+                        student.config, "p")
+    objective = Retraining(teacher, 0.0, student=student, hidden=1.0, mapping=mapping)
+    assert objective.projection.weight[2, 1].item() == 1.0 and objective.projection.weight.sum().item() == 64
+    seen = []
+    decoder_layers(teacher)[3].register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out)))
+    hooks_before = [len(layer._forward_hooks) for layer in decoder_layers(teacher)]
+
+    x = torch.randint(0, 256, (2, 24))
+    loss, parts = objective.loss(student, x, 0)
+    assert set(parts) == {"ce", "hidden"} and loss.item() == pytest.approx(parts["ce"].item() + parts["hidden"].item())
+    loss.backward()
+    assert objective.projection.weight.grad.abs().sum() > 0
+    grads = {n: p.grad for n, p in student.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    assert all(grads[n].abs().sum() > 0 for n in grads if "lora_B" in n)  # B starts at 0: only its gradient moves
+    assert all(p.grad is None for p in teacher.parameters())
+    assert [len(layer._forward_hooks) for layer in decoder_layers(teacher)] == hooks_before
+    del loss, parts
+    gc.collect()
+    assert seen and seen[0]() is None, "a teacher hidden state outlived the step"
 
 
 def test_lr_schedule():
