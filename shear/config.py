@@ -593,15 +593,9 @@ def prune_settings(p: Params) -> dict[str, Any]:
     return settings
 
 
-def retrain_keys(p: Params) -> list[str]:
-    """The retrain keys a run of retrain.method reads: the other methods' sections are not among them."""
-    other = {"lora", "cpt"} - ({p.retrain.method} if p.retrain.method != "none" else set())
-    return [f"retrain.{f.name}" for f in dataclasses.fields(RetrainParams) if f.name not in other]
-
-
 def retrain_settings(p: Params) -> dict[str, Any]:
     """The settings the retrain stage reads, by dotted key (prune.method only through the mixture kind)."""
-    return {**pick(p, retrain_keys(p) + ["run.seed", "run.device", "run.dtype"] + _mixture_keys(p)),
+    return {**pick(p, ["retrain", "run.seed", "run.device", "run.dtype"] + _mixture_keys(p)),
             "mixture_kind": p.mixture_kind()}
 
 
