@@ -1,5 +1,6 @@
 """Stage `retrain`: LoRA | CPT | none on data/models/pruned, optionally distilled from
-data/models/base, -> data/models/retrained/ (a plain checkpoint: LoRA is merged).
+data/models/base (logits, and hidden states mapped by the blocks pruned/shear.json says were
+kept), -> data/models/retrained/ (a plain checkpoint: LoRA is merged).
 
 Also writes data/checkpoints/retrain/last/ every retrain.checkpoint_every steps (a DVC
 `persist` output: re-running the stage with the same params resumes from it; a checkpoint of
@@ -95,6 +96,12 @@ def main(params, args):
     teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.needs_teacher else None
     mapping = (block_map(record, teacher.config, model.config, f"{PRUNED_MODEL}/shear.json")
                if retrain.distill_hidden > 0 else None)
+    if mapping is not None and model.config.hidden_size != teacher.config.hidden_size and \
+            accelerator.distributed_type.name == "FSDP":
+        # the learned width map lives outside the sharded model, which FSDP's checkpoints and clipping cannot hold
+        raise ShearError(f"retrain.distill_hidden > 0 on a narrower pruned model (hidden {model.config.hidden_size} "
+                         f"< {teacher.config.hidden_size}) is not supported under FSDP (cpt on several GPUs); "
+                         "set retrain.num_processes: 1 or retrain.method: lora")
 
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"

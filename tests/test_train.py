@@ -379,6 +379,33 @@ def test_two_process_stage(tmp_path, raw_corpus):
     assert (tmp_path / "reports/train/retrain/plots/metrics/train/loss.tsv").is_file()
 
 
+def test_stage_distills_hidden_states_of_a_depth_pruned_model(tmp_path, shards, tiny, monkeypatch):
+    """The stage maps the pruned model's blocks through its shear.json and trains pure KD + hidden states."""
+    import argparse
+    import copy
+
+    from shear.config import Params
+    from stages.retrain import main
+
+    teacher, tok = tiny
+    save_model(teacher, tok, tmp_path / "data/models/base", {"method": "tiny"})
+    pruned = remove_blocks(copy.deepcopy(teacher), [1, 2])
+    save_model(pruned, tok, tmp_path / "data/models/pruned", {"method": "depth", "removed_blocks": [1, 2]})
+    (tmp_path / "data/shards").symlink_to(shards)
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    params.run.device, params.mixture.eval_sequences = "cpu", 2
+    for key, value in {"method": "cpt", "tokens": 2 * BATCH * SEQ, "batch_size": BATCH, "seq_len": SEQ,
+                       "distill": 1.0, "distill_hidden": 1.0, "distill_hidden_loss": "nmse"}.items():
+        setattr(params.retrain, key, value)
+    main(params, argparse.Namespace(params="params.yaml"))
+    info = json.loads((tmp_path / "data/models/retrained/shear.json").read_text())["retrain"]
+    assert (info["steps"], info["distill"], info["distill_hidden"], info["distill_hidden_loss"]) == (2, 1.0, 1.0, "nmse")
+    assert info["cpt"] == {"weight_decay": 0.0, "betas": [0.9, 0.95], "schedule": "cosine"}
+    logged = (tmp_path / "reports/train/retrain/plots/metrics/train/hidden.tsv").read_text().splitlines()
+    assert len(logged) == 3 and 0 < float(logged[1].split("\t")[1]) < 1  # header + 2 steps, a normalised loss
+
+
 def test_method_none_copies_the_pruned_model(tmp_path, shards, tiny, monkeypatch):
     from shear.config import Params
     from shear.models import load_model
