@@ -348,18 +348,22 @@ def test_trim_logs(tmp_path):
 
 
 def test_two_process_stage(tmp_path, raw_corpus):
-    """The stage re-launches itself under accelerate with 2 gloo processes and trains CPT."""
+    """The stage re-launches itself under accelerate with 2 gloo processes and trains CPT, distilling
+    the hidden states of a twice wider teacher through the learned width map."""
     from transformers import AutoModelForCausalLM
 
     model, tok = make_tiny_model(SPEC, seed=0)
     build_shards(raw_corpus, tok, tmp_path / "data/shards", seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
                  max_tokens_per_domain=200_000, seed=0)
-    save_model(model, tok, tmp_path / "data/models/pruned", {"method": "test"})
+    save_model(model, tok, tmp_path / "data/models/pruned",
+               {"method": "sheared", "kept": {"layers": [1, 3], "hidden": list(range(0, 128, 2))}})
+    save_model(make_tiny_model(WIDE, seed=3)[0], tok, tmp_path / "data/models/base", {"method": "tiny"})
     params = {
         "run": {"device": "cpu"},
         "mixture": {"eval_sequences": 4},
         "retrain": {"method": "cpt", "tokens": 6 * 2 * 2 * SEQ, "batch_size": 2, "seq_len": SEQ, "lr": 3e-3,
-                    "warmup_fraction": 0.0, "num_processes": 2, "checkpoint_every": 4, "eval_every": 3},
+                    "warmup_fraction": 0.0, "num_processes": 2, "checkpoint_every": 4, "eval_every": 3,
+                    "distill_hidden": 0.5},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -374,6 +378,7 @@ def test_two_process_stage(tmp_path, raw_corpus):
     meta = json.loads((checkpoint / "last" / "meta.json").read_text())
     state = read_checkpoint(checkpoint, meta["fingerprint"], "test")
     assert len(state["rng"]) == 2 and state["step"] == 6
+    assert state["objective"]["projection"]["weight"].shape == (128, 64) and info["distill_hidden"] == 0.5
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "data/models/retrained")
     assert torch.equal(trained.model.embed_tokens.weight, state["weights"]["model.embed_tokens.weight"])
     assert (tmp_path / "reports/train/retrain/plots/metrics/train/loss.tsv").is_file()
