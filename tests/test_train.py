@@ -339,6 +339,20 @@ def test_errors(tmp_path):
         check_train_tokens("retrain", {"a": np.zeros((1, 100)), "b": np.zeros((0, 64))}, 256, tmp_path)
 
 
+@pytest.mark.parametrize("retrain,message", [
+    ({"method": "none", "distill_hidden": 0.5}, "retrain.distill_hidden=0.5 needs retrain.method lora or cpt"),
+    ({"distill_hidden": -1}, r"retrain.distill_hidden=-1.0 is out of range \[0, inf\]"),
+    ({"distill_hidden_loss": "mse"}, "retrain.distill_hidden_loss='mse' is not valid; choose one of cosine, nmse"),
+    ({"cpt": {"betas": [0.9]}}, r"retrain.cpt.betas=\[0.9\] must be two numbers in \[0, 1\)"),
+    ({"lora": {"schedule": "step"}}, "retrain.lora.schedule='step' is not valid; choose one of cosine, linear"),
+])
+def test_distillation_and_recipe_params_are_validated(retrain, message):
+    from shear.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_params({"retrain": retrain})
+
+
 def test_trim_logs(tmp_path):
     path = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
     path.parent.mkdir(parents=True)
