@@ -22,6 +22,7 @@ CE and KL are means over the predicted positions (every position but the last).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,7 +71,9 @@ def retrain_loss(logits: torch.Tensor, ids: torch.Tensor, teacher_logits: Option
 
     hidden: `hidden_state_loss` of this batch, added with `hidden_weight`.
     """
-    ce = next_token_loss(logits, ids)
+    pure_kd = teacher_logits is not None and weight == 1
+    with torch.no_grad() if pure_kd else contextlib.nullcontext():  # pure KD only logs the CE: no graph for it
+        ce = next_token_loss(logits, ids)
     loss, parts = ce, {"ce": ce.detach()}
     if teacher_logits is not None and weight > 0:
         kl = distill_kl(logits, teacher_logits, temperature)
