@@ -3,10 +3,13 @@
 The teacher is a random-weight model of SmolLM2-135M's shape (30 blocks, hidden 576, vocab
 49152; memory does not depend on the weight values), the student the same model with 20% of
 its blocks removed (24 kept), trained as the default run does (LoRA, 4 x 256 tokens, float32
-on the CPU). Each objective runs two optimizer steps in its own subprocess; its peak RSS
-(resource.getrusage) is compared with plain CE's. The hidden-state loss keeps one [B, T, H]
-teacher state per kept block for the step (24 x 4 x 256 x 576 x 4 B = 54 MiB here), against
-the teacher's logits (4 x 256 x 49152 x 4 B = 192 MiB) that logit distillation keeps.
+on the CPU). Each objective runs one optimizer step in its own subprocess, measured two ways:
+the bytes autograd saves for backward (distinct storages, through saved_tensors_hooks: exact
+and repeatable, the activation memory the objective adds) and the peak RSS (resource.getrusage:
+everything, teacher weights included, but coarse: glibc's allocator moves it by several hundred
+MiB between identical runs). The hidden-state loss keeps one [B, T, H] teacher state per kept
+block for the step (24 x 4 x 256 x 576 x 4 B = 54 MiB here), against the teacher's logits
+(4 x 256 x 49152 x 4 B = 192 MiB) that logit distillation keeps.
 Writes bench/results/distill_memory.{json,md}.
 
     OMP_NUM_THREADS=1 python -m bench.distill_memory
@@ -37,7 +40,7 @@ OBJECTIVES = {"ce": (0.0, 0.0), "kd w=0.5": (0.5, 0.0), "kd w=1": (1.0, 0.0), "h
 
 
 def child(name: str) -> dict:
-    """Two LoRA optimizer steps of objective `name`; the process's peak RSS and step times."""
+    """One LoRA optimizer step of objective `name`: bytes saved for backward, peak RSS, seconds."""
     from shear.config import LoraParams
     from shear.distill import block_map
     from shear.models import make_tiny_model
@@ -58,19 +61,23 @@ def child(name: str) -> dict:
     student = apply_lora(student, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     objective = Retraining(teacher, distill, student=student, hidden=hidden, mapping=mapping if hidden else None)
     optimizer = make_optimizer(decay_groups(student.parameters(), 1e-4, lora.weight_decay), lora.betas)
-    g = torch.Generator().manual_seed(0)
+    saved: dict[tuple, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[(storage.data_ptr(), t.device.type)] = storage.nbytes()
+        return t
+
     student.train()
-    seconds = []
-    for step in range(2):
-        t0 = time.perf_counter()
-        ids = torch.randint(0, 49152, (BATCH, SEQ), generator=g)
-        loss, _ = objective.loss(student, ids, step)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds.append(round(time.perf_counter() - t0, 2))
-    return {"objective": name, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "step_s": seconds}
+    t0 = time.perf_counter()
+    ids = torch.randint(0, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = objective.loss(student, ids, 0)
+    loss.backward()
+    optimizer.step()
+    return {"objective": name, "saved_for_backward": sum(saved.values()),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "step_s": round(time.perf_counter() - t0, 2)}
 
 
 def main() -> None:
@@ -89,16 +96,19 @@ def main() -> None:
     machine = machine_info()
     write_json(RESULTS / "distill_memory.json", {"machine": machine, "shape": SHAPE, "removed": REMOVED,
                                                  "batch": BATCH, "seq_len": SEQ, "rows": rows})
-    ce = rows[0]["peak_rss"]
+    ce, ce_saved = rows[0]["peak_rss"], rows[0]["saved_for_backward"]
     mib = 1 << 20
     lines = ["# Peak memory of a retraining step with distillation (LoRA, default model shape, CPU float32)", "",
              f"`OMP_NUM_THREADS=1 python -m bench.distill_memory`; machine: {machine}.", "",
              f"Teacher: random weights of shape `{SHAPE}`; student: blocks {REMOVED} removed; batch {BATCH} x {SEQ}.",
-             "Step times are of a shared, loaded machine: indicative only.", "",
-             "| objective | peak RSS (MiB) | vs CE (MiB) | step s (1st, 2nd) |", "|---|---:|---:|---|"]
+             "Peak RSS is coarse (several hundred MiB between identical runs); step times are of a shared, "
+             "loaded machine: indicative only.", "",
+             "| objective | saved for backward (MiB) | vs CE | peak RSS (MiB) | vs CE | step s |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['objective']} | {r['peak_rss'] / mib:,.0f} | {(r['peak_rss'] - ce) / mib:+,.0f} | "
-                     f"{r['step_s'][0]}, {r['step_s'][1]} |")
+        lines.append(f"| {r['objective']} | {r['saved_for_backward'] / mib:,.0f} | "
+                     f"{(r['saved_for_backward'] - ce_saved) / mib:+,.0f} | {r['peak_rss'] / mib:,.0f} | "
+                     f"{(r['peak_rss'] - ce) / mib:+,.0f} | {r['step_s']} |")
     with atomic_file(RESULTS / "distill_memory.md") as f:
         f.write("\n".join(lines) + "\n")
 
