@@ -202,12 +202,28 @@ class PruneParams:
 
 @dataclass
 class LoraParams:
+    """LoRA retraining as Shortened LLaMA v1 (Kim et al. 2024) ran it: Alpaca-LoRA's script on the
+    Hugging Face Trainer's defaults (AdamW betas (0.9, 0.999), no weight decay, linear decay)."""
+
     r: int = field(default=8, metadata=_range(1))
     alpha: float = field(default=16, metadata=_range(0, lo_open=True))
     dropout: float = field(default=0.05, metadata=_range(0, 1, hi_open=True))
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    weight_decay: float = field(default=0.0, metadata=_range(0))  # on matrices (adapters too), as the HF Trainer
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "linear"] = "linear"  # learning-rate decay after the warm-up
+
+
+@dataclass
+class CptParams:
+    """Full-parameter continued pre-training as Sheared-LLaMA (Xia et al. 2023) ran it after pruning:
+    decoupled AdamW, betas (0.9, 0.95), no weight decay, cosine decay to 10%."""
+
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: Literal["cosine", "linear"] = "cosine"
 
 
 @dataclass
@@ -219,15 +235,28 @@ class RetrainParams:
     seq_len: int = field(default=256, metadata=_range(8))
     lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))
     warmup_fraction: float = field(default=0.05, metadata=_range(0, 1))
-    weight_decay: float = field(default=0.1, metadata=_range(0))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = field(default=1.0, metadata=_range(0))
+    # the optimizer recipe of each method (weight decay, betas, schedule): only the method's own is read
     lora: LoraParams = field(default_factory=LoraParams)
+    cpt: CptParams = field(default_factory=CptParams)
     distill: float = field(default=0.0, metadata=_range(0, 1))
     distill_temperature: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    # weight of the hidden-state (intermediate) distillation loss (Minitron), added to the above
+    distill_hidden: float = field(default=0.0, metadata=_range(0))
+    distill_hidden_loss: Literal["cosine", "nmse"] = "cosine"
     checkpoint_every: int = field(default=50, metadata=_range(1))
     eval_every: int = field(default=50, metadata=_range(1))
     num_processes: int = field(default=1, metadata=_range(1))
+
+    @property
+    def recipe(self) -> LoraParams | CptParams:
+        """The optimizer recipe of `method` (weight_decay, betas, schedule); CPT's for method none."""
+        return self.lora if self.method == "lora" else self.cpt
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run distills from the unpruned model (logits or hidden states)."""
+        return self.distill > 0 or self.distill_hidden > 0
 
 
 @dataclass
@@ -520,10 +549,13 @@ def _check_cross_fields(p: Params, source: str) -> None:
             raise ConfigError(f"{source}: data.domain_weights.{name}={w} is out of range [0, inf)")
     if p.data.domain_weights and sum(p.data.domain_weights.values()) <= 0:
         raise ConfigError(f"{source}: data.domain_weights must have a positive sum")
-    if len(p.retrain.betas) != 2 or not all(0 <= b < 1 for b in p.retrain.betas):
-        raise ConfigError(f"{source}: retrain.betas={p.retrain.betas} must be two numbers in [0, 1)")
-    if p.retrain.distill > 0 and p.retrain.method == "none":
-        raise ConfigError(f"{source}: retrain.distill={p.retrain.distill} needs retrain.method lora or cpt")
+    for method in ("lora", "cpt"):
+        betas = getattr(p.retrain, method).betas
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"{source}: retrain.{method}.betas={betas} must be two numbers in [0, 1)")
+    for key in ("distill", "distill_hidden"):
+        if getattr(p.retrain, key) > 0 and p.retrain.method == "none":
+            raise ConfigError(f"{source}: retrain.{key}={getattr(p.retrain, key)} needs retrain.method lora or cpt")
     for n in p.evaluate.ppl_seq_lens:
         if n < 2:
             raise ConfigError(f"{source}: evaluate.ppl_seq_lens has {n}; each length must be >= 2")
