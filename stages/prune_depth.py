@@ -20,6 +20,7 @@ import torch
 
 from shear.config import HELDOUT_SEQ_LEN, prune_settings
 from shear.data import calibration_batch, load_domains, load_manifest
+from shear.distill import BlockMap
 from shear.errors import ShearError
 from shear.importance.blocks import block_scores
 from shear.io import file_digest, model_digest, read_json, run_hash
@@ -56,17 +57,19 @@ def healing(params, model, tokenizer, rounds: int):
     sampler = build_sampler("fixed", domains, retrain.seq_len, params.run.seed + 1, params.data.domain_weights)
     rows = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN)
     accelerator = make_accelerator(params.run.device)
-    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.needs_teacher else None
     device = model.device
 
-    def heal(m, r):
+    def heal(m, r, kept):
         torch.manual_seed(params.run.seed + r)  # LoRA's initial A: the same in a resumed run
         if retrain.method == "lora":
             m = apply_lora(m, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
         # returns a plain float32 CPU model, LoRA merged: the next round scores and cuts plain blocks
         share = steps // rounds + (r < steps % rounds)
         cfg = dataclasses.replace(retrain, tokens=share * step)
-        healed, summary = train(m, sampler, cfg, accelerator, teacher=teacher, eval_rows=rows,
+        # hidden-state distillation: each remaining block against the teacher block of its original index
+        mapping = BlockMap(blocks=kept, channels=None) if retrain.distill_hidden > 0 else None
+        healed, summary = train(m, sampler, cfg, accelerator, teacher=teacher, mapping=mapping, eval_rows=rows,
                                 seed=params.run.seed + r)
         keep = ("method", "steps", "tokens", "loss_before", "loss_after", "train_s")
         return healed.to(device), {k: summary[k] for k in keep}

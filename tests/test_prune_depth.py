@@ -119,10 +119,11 @@ def test_healing_between_rounds_changes_the_next_choice_in_original_indices():
                                   lambda m, k: magnitude_scores(m))
     assert plain == [2, 0]
 
-    seen = []
+    seen, kept_seen = [], []
 
-    def heal(m, r):  # stands in for training: after round 0, original block 0 (now first) grows
+    def heal(m, r, kept):  # stands in for training: after round 0, original block 0 (now first) grows
         seen.append([round(block_magnitude(layer)) for layer in m.model.layers])
+        kept_seen.append(kept)
         with torch.no_grad():
             if r == 0:
                 for p in m.model.layers[0].parameters():
@@ -136,6 +137,7 @@ def test_healing_between_rounds_changes_the_next_choice_in_original_indices():
     assert [r["removed"] for r in rounds] == [[2], [4]] and rounds[1]["blocks"] == [0, 1, 3, 4]
     assert [r["heal"] for r in rounds] == [{"round": 0}, {"round": 1}]
     assert len(seen[0]) == 4 and len(seen[1]) == 3  # healed after each round's removal, the last one included
+    assert kept_seen == [[0, 1, 3, 4], [0, 1, 3]]  # the original index of each remaining block
     assert model.config.num_hidden_layers == 3
 
 
@@ -416,3 +418,31 @@ def test_removing_blocks_keeps_each_blocks_attention_type(tmp_path):
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))  # longer than the window
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5)
+
+
+def test_healing_with_hidden_state_distillation(tmp_path, monkeypatch, tiny, shards):
+    """Healing distils each remaining block from the teacher block of its original index (a round's `kept`)."""
+    from stages import prune, prune_depth, score
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    params = stage_params(criterion="ppl", mode="iterative", ratio=None, num_blocks=2)
+    params.score.block_criteria = ["ppl"]
+    params.retrain.method, params.retrain.distill_hidden = "cpt", 1.0
+    params.retrain.batch_size, params.retrain.seq_len = 2, 32
+    params.mixture.eval_sequences = 2
+    params.prune.depth.heal_tokens = 128  # one step a round
+    score.main(params, None)
+    real_train, maps = prune_depth.train, []
+
+    def spy(*args, mapping=None, **kwargs):
+        maps.append(mapping.blocks)
+        return real_train(*args, mapping=mapping, **kwargs)
+
+    monkeypatch.setattr(prune_depth, "train", spy)
+    prune.main(params, None)
+    steps = read_json("data/models/pruned/shear.json")["removal_steps"]
+    assert maps == [[b for b in range(4) if b not in steps[0]["removed"]],
+                    [b for b in range(4) if b not in steps[0]["removed"] + steps[1]["removed"]]]

@@ -144,15 +144,16 @@ def select_blocks(record: dict, n: int, protected=()) -> list[int]:
 
 def prune_iterative(model, n: int, first_scores: list[float], score_fn: Callable[[object, int], list[float]],
                     protected=(), per_round: int = 1,
-                    heal: Callable[[object, int], tuple[object, dict]] | None = None,
+                    heal: Callable[[object, int, list[int]], tuple[object, dict]] | None = None,
                     done: Sequence[dict] = (), on_round: Callable[[object, list[dict]], None] | None = None,
                     ) -> tuple[object, list[int], list[dict]]:
     """Remove `n` blocks in rounds of `per_round`, re-scoring (and healing) between rounds.
 
     `first_scores` rank the blocks of the unpruned model; before every later round
     `score_fn(model, blocks_still_to_remove)` scores the blocks of the current, smaller (and
-    healed) model. `heal(model, round)`, when given, trains the model after each round's
-    removal and returns (the healed model, a summary for the record): prune-and-heal as
+    healed) model. `heal(model, round, kept)`, when given, trains the model after each round's
+    removal (`kept`: the original index of each remaining block, for hidden-state distillation)
+    and returns (the healed model, a summary for the record): prune-and-heal as
     Minitron advises beyond a third of the model. `protected` holds original block indices
     that are never removed. `done` continues a run from the round records it returned so far
     (`model` is then the model after them); `on_round(model, records)` is called after each
@@ -177,7 +178,7 @@ def prune_iterative(model, n: int, first_scores: list[float], score_fn: Callable
         remove_blocks(model, chosen)
         original = [b for k, b in enumerate(original) if k not in chosen]
         if heal is not None:
-            model, record["heal"] = heal(model, r)
+            model, record["heal"] = heal(model, r, list(original))
         rounds.append(record)
         if on_round is not None:
             on_round(model, rounds)
