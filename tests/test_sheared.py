@@ -225,7 +225,7 @@ STEPS, GLOBAL_ROWS = 8, 4
 TOLERANCE = 1e-4
 
 
-def write_stage_inputs(root, raw_corpus, num_processes):
+def write_stage_inputs(root, raw_corpus, num_processes, sharding="auto", checkpoint_every=2):
     """data/models/base, data/shards and params.yaml for a tiny sheared run of STEPS steps."""
     from shear.data import build_shards
 
@@ -240,8 +240,8 @@ def write_stage_inputs(root, raw_corpus, num_processes):
         "prune": {"method": "sheared", "target": TARGET,
                   "sheared": {"tokens": STEPS * GLOBAL_ROWS * 32, "batch_size": GLOBAL_ROWS // num_processes,
                               "seq_len": 32, "lr_model": 1e-3, "lr_warmup_fraction": 0.25,
-                              "lagrangian_warmup_fraction": 0.5, "checkpoint_every": 2,
-                              "num_processes": num_processes}},
+                              "lagrangian_warmup_fraction": 0.5, "checkpoint_every": checkpoint_every,
+                              "num_processes": num_processes, "sharding": sharding}},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
 
