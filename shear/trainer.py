@@ -92,10 +92,13 @@ def make_accelerator(device: str = "auto"):
         # accelerate 1.x turns its FSDP plugin on for GPU-class devices only (AcceleratorState
         # leaves gloo processes MULTI_CPU); torch's FSDP2 itself shards over gloo, so on CPU
         # the state is switched here and everything after is accelerate's own FSDP2 path.
+        from accelerate.state import PartialState
         from accelerate.utils import DistributedType
 
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
+        # what AcceleratorState.__init__ does on GPUs: every later AcceleratorState() copies it from here
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
 
 
