@@ -365,7 +365,7 @@ def is_fsdp(accelerator) -> bool:
 
 
 def weights_and_optimizer_state(accelerator, model, optimizer) -> tuple[dict, dict]:
-    """Full state dicts of the trainable weights and of the optimizer (None: no optimizer state).
+    """Full state dicts of the trainable weights and of the optimizer (empty when it is None).
 
     Without FSDP every rank holds the same state and the plain dicts (optimizer indexed by
     position) are it; FSDP checkpoints go through `save_sharded` instead.
