@@ -421,7 +421,7 @@ def save_sharded(accelerator, path: Path, model, optimizer) -> dict[str, int]:
     return {f.name: f.stat().st_size for f in sorted(target.glob("*.safetensors"))}
 
 
-def _optimizer_state_by_name(model, optimizer, state: dict) -> dict:
+def optimizer_state_by_name(model, optimizer, state: dict) -> dict:
     """An optimizer state dict indexed by position (`torch.optim.Optimizer.state_dict`) keyed by
     parameter name instead, as torch.distributed.checkpoint's `set_state_dict` takes it."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -456,7 +456,7 @@ def load_weights_and_optimizer(accelerator, model, optimizer, state: dict) -> No
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         if optim_state["state"] and all(isinstance(k, int) for k in optim_state["state"]):
-            optim_state = _optimizer_state_by_name(model, optimizer.optimizer, optim_state)
+            optim_state = optimizer_state_by_name(model, optimizer.optimizer, optim_state)
         set_state_dict(model, optimizer.optimizer, model_state_dict=weights, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, strict=False))
         return

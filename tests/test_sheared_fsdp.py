@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from shear.models import make_tiny_model, save_model
 from shear.plan import fsdp_chosen, plan_stages
-from shear.trainer import SHARDED_DIR, read_checkpoint
+from shear.trainer import SHARDED_DIR, optimizer_state_by_name, read_checkpoint
 from tests.conftest import REPO, full_params
 
 SPEC = "layers=4,hidden=64,heads=4,kv_heads=2,mlp=128"
@@ -156,6 +156,8 @@ def test_ddp_and_fsdp_equal_one_process_and_resume(tmp_path, raw_corpus, monkeyp
         sharded = sorted(f for f in files if f.startswith(SHARDED_DIR + "/"))
         if training["sharding"] == "fsdp":  # one file per rank, each about half of the whole
             assert sharded == [f"{SHARDED_DIR}/shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
+            sizes = [(roots[name] / CHECKPOINTS / "last" / f).stat().st_size for f in sharded]
+            assert max(sizes) < 0.55 * sum(sizes), sizes
         else:  # the full format, the shards of an earlier FSDP run gone
             assert sharded == [], files
         assert all(f.endswith((".safetensors", "meta.json")) for f in files), files  # no pickle, no .distcp
@@ -188,3 +190,23 @@ def test_plan_shards_sheared_pruning_when_one_device_cannot_hold_it(tiny):
     assert not plan("auto", unsharded.total).sharded
     between = plan("auto", unsharded.total - 1)
     assert between.sharded and between.memory == sharded
+
+
+def testoptimizer_state_by_name_is_what_torch_distributed_checkpoint_reads(tiny):
+    """A full checkpoint's position-indexed AdamW state, keyed by parameter name for an FSDP resume,
+    equals torch's own name-keyed view of the same optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = tiny[0]
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                                   {"params": [p for p in model.parameters() if p.dim() < 2], "lr": 0.5}])
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    _, expected = get_state_dict(model, optimizer)
+    got = optimizer_state_by_name(model, optimizer, optimizer.state_dict())
+    assert list(got["state"]) == list(expected["state"]) and len(got["state"]) == len(list(model.parameters()))
+    for name, moments in expected["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(got["state"][name][key], value), (name, key)
+    assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in expected["param_groups"]]
