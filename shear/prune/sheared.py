@@ -151,9 +151,10 @@ class ShearedObjective(trainer.Objective):
     identical on every rank.
     """
 
-    def __init__(self, masks: L0Masks, hooks: MaskHooks, optimizer, accelerator, lagrangian_warmup_steps: int,
-                 source_params: float, seed: int):
-        self.masks, self.hooks, self.optimizer, self.accelerator = masks, hooks, optimizer, accelerator
+    def __init__(self, masks: L0Masks, hooks: MaskHooks, accelerator, lagrangian_warmup_steps: int,
+                 source_params: float, seed: int, lr_mask: float = 1.0, lr_lambda: float = 1.0):
+        self.masks, self.hooks, self.accelerator = masks, hooks, accelerator
+        self.optimizer = make_mask_optimizer(masks, lr_mask, lr_lambda)
         self.warmup = lagrangian_warmup_steps
         self.source_params = source_params
         self.generator = torch.Generator().manual_seed(seed)
@@ -252,15 +253,14 @@ def train_masks(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerat
         trainer.set_activation_checkpointing(model, True)
     masks.to(accelerator.device)
     hooks = MaskHooks(model, masks)  # on the plain model's modules, before any wrapping
-    mask_optimizer = make_mask_optimizer(masks, lr_mask, lr_lambda)
     if lr_model > 0 or trainer.is_fsdp(accelerator):
         # accelerate shards a model under FSDP only together with its optimizer, frozen or not
         model, optimizer = accelerator.prepare(model, make_weights_optimizer(model, lr_model))
     else:  # nothing of the model trains: DDP has nothing to synchronise
         model, optimizer = model.to(accelerator.device), None
     source_params = masks.parameters_kept({n: torch.ones_like(m.log_alpha) for n, m in masks.masks.items()}).item()
-    objective = ShearedObjective(masks, hooks, mask_optimizer, accelerator,
-                                 round(lagrangian_warmup_fraction * plan.total_steps), source_params, seed)
+    objective = ShearedObjective(masks, hooks, accelerator, round(lagrangian_warmup_fraction * plan.total_steps),
+                                 source_params, seed, lr_mask, lr_lambda)
     try:
         result = trainer.fit(model, optimizer, objective, sampler, plan, accelerator, desc="sheared pruning",
                              grad_clip=GRAD_CLIP, eval_rows=heldout, update_every=update_every if heldout else None,
