@@ -330,7 +330,8 @@ def prune_sheared(model, masks: L0Masks, sampler, plan: trainer.RunPlan, acceler
                      "resumed_from_step": result.resumed_from_step, "train_s": round(result.train_s, 1),
                      "final": result.last},
     }
-    record["training"]["sharding"] = "fsdp" if trainer.is_fsdp(accelerator) else "ddp"
+    record["training"]["sharding"] = "fsdp" if trainer.is_fsdp(accelerator) else \
+        "ddp" if accelerator.num_processes > 1 else "none"
     model = trainer.gather_model(accelerator, model)  # FSDP: every rank sends its shards to rank 0
     if model is None:
         return None, record
