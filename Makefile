@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 DEBIAN_PACKAGES := r-cran-janeaustenr dict-foldoc python3.11-doc derivations debian-faq manpages-de manpages-fr
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup setup-python setup-corpus repro lint test compare bench clean
+.PHONY: setup setup-python setup-corpus repro lint test compare recipes bench clean
 
 setup: setup-python setup-corpus
 
@@ -41,6 +41,10 @@ test: lint
 
 compare: setup-python
 	$(PY) -m shear.compare
+
+# The recipe comparison (reports/recipes.md): queued DVC experiments, one thread each, two at once.
+recipes: setup
+	$(PY) -m shear.recipes run
 
 bench: setup-python
 	$(PY) -m bench.score_speed

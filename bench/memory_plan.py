@@ -134,7 +134,8 @@ def train_step(stage: str, model, params, device, g) -> None:
     rt = params.retrain
     if stage == "retrain_lora":
         model = apply_lora(model, rt.lora.r, rt.lora.alpha, rt.lora.dropout, rt.lora.target_modules)
-    optimizer = make_optimizer(decay_groups(model.parameters(), rt.lr, rt.weight_decay), rt.betas, fused=None)
+    optimizer = make_optimizer(decay_groups(model.parameters(), rt.lr, rt.recipe.weight_decay), rt.recipe.betas,
+                               fused=None)
     model.train()
     for _ in range(2):
         ids = torch.randint(0, model.config.vocab_size, (rt.batch_size, rt.seq_len), generator=g).to(device)

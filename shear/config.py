@@ -96,11 +96,14 @@ class DataParams:
 class MixtureParams:
     """Dynamic batch loading (Sheared-LLaMA)."""
 
-    update_every: int = field(default=10, metadata=_range(1))
+    # steps between loss measurements and weight updates (Sheared-LLaMA: 50 while pruning)
+    update_every: int = field(default=50, metadata=_range(1))
     eta: float = field(default=1.0, metadata=_range(0, lo_open=True))
     smoothing: float = field(default=1e-4, metadata=_range(0, 1, hi_open=True))
     # empty = the base model's per-domain eval loss from the evaluate stage
     reference_loss: dict[str, float] = field(default_factory=dict)
+    # held-out 128-token rows per domain of the loss a fixed-mixture run logs; a dynamic mixture
+    # measures on all of the evaluate stage's rows (its reference's), see shear.mixture
     eval_sequences: int = field(default=16, metadata=_range(1))
 
 
@@ -141,11 +144,21 @@ class TargetShape:
 class DepthParams:
     """Depth pruning: remove whole blocks (Shortened LLaMA, Kim et al. 2024)."""
 
-    criterion: str = "ppl"  # a block criterion of score.block_criteria
+    # a block criterion of score.block_criteria. ppl+ is the paper's PPL: Shortened LLaMA's code
+    # (block_prune.py) keeps the first 4 and last 2 blocks for every criterion unless told not to
+    # (--no_plus_heuristic, which none of its scripts passes; its released models were made so); plain
+    # taylor / magnitude are the paper's unprotected ablations, plain ppl stays for comparison
+    criterion: str = "ppl+"
     # fraction of the block parameters to remove (rounded to whole blocks)
     ratio: Optional[float] = field(default=0.2, metadata=_range(0, 1, True, True))
     num_blocks: Optional[int] = field(default=None, metadata=_range(1))  # overrides ratio
     mode: Literal["one_shot", "iterative"] = "one_shot"
+    # iterative: blocks removed per round, the model re-scored between rounds
+    blocks_per_round: int = field(default=1, metadata=_range(1))
+    # iterative: tokens spent healing inside the prune stage, split evenly over the rounds (after
+    # each round's removal), with retrain's method, optimizer and distillation (Minitron: prune at
+    # most ~1/3 in one shot, iteratively beyond); 0 = no healing
+    heal_tokens: int = field(default=0, metadata=_range(0))
 
 
 @dataclass
@@ -192,12 +205,28 @@ class PruneParams:
 
 @dataclass
 class LoraParams:
+    """LoRA retraining as Shortened LLaMA v1 (Kim et al. 2024) ran it: Alpaca-LoRA's script on the
+    Hugging Face Trainer's defaults (AdamW betas (0.9, 0.999), no weight decay, linear decay)."""
+
     r: int = field(default=8, metadata=_range(1))
     alpha: float = field(default=16, metadata=_range(0, lo_open=True))
     dropout: float = field(default=0.05, metadata=_range(0, 1, hi_open=True))
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    weight_decay: float = field(default=0.0, metadata=_range(0))  # on matrices (adapters too), as the HF Trainer
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "linear"] = "linear"  # learning-rate decay after the warm-up
+
+
+@dataclass
+class CptParams:
+    """Full-parameter continued pre-training as Sheared-LLaMA (Xia et al. 2023) ran it after pruning:
+    decoupled AdamW, betas (0.9, 0.95), no weight decay, cosine decay to 10%."""
+
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: Literal["cosine", "linear"] = "cosine"
 
 
 @dataclass
@@ -209,15 +238,28 @@ class RetrainParams:
     seq_len: int = field(default=256, metadata=_range(8))
     lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))
     warmup_fraction: float = field(default=0.05, metadata=_range(0, 1))
-    weight_decay: float = field(default=0.1, metadata=_range(0))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = field(default=1.0, metadata=_range(0))
+    # the optimizer recipe of each method (weight decay, betas, schedule): only the method's own is read
     lora: LoraParams = field(default_factory=LoraParams)
+    cpt: CptParams = field(default_factory=CptParams)
     distill: float = field(default=0.0, metadata=_range(0, 1))
     distill_temperature: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    # weight of the hidden-state (intermediate) distillation loss (Minitron), added to the above
+    distill_hidden: float = field(default=0.0, metadata=_range(0))
+    distill_hidden_loss: Literal["cosine", "nmse"] = "cosine"
     checkpoint_every: int = field(default=50, metadata=_range(1))
     eval_every: int = field(default=50, metadata=_range(1))
     num_processes: int = field(default=1, metadata=_range(1))
+
+    @property
+    def recipe(self) -> LoraParams | CptParams:
+        """The optimizer recipe of `method` (weight_decay, betas, schedule); CPT's for method none."""
+        return self.lora if self.method == "lora" else self.cpt
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run distills from the unpruned model (logits or hidden states)."""
+        return self.distill > 0 or self.distill_hidden > 0
 
 
 @dataclass
@@ -474,6 +516,8 @@ def _check_cross_fields(p: Params, source: str) -> None:
     if depth.criterion not in BLOCK_CRITERIA:
         raise ConfigError(f"{source}: prune.depth.criterion={depth.criterion!r} is not valid; "
                           f"choose one of {', '.join(BLOCK_CRITERIA)}")
+    if p.prune.method == "depth":
+        _check_depth_rounds(p, source)
     if p.prune.method == "depth" and depth.ratio is None and depth.num_blocks is None:
         raise ConfigError(f"{source}: prune.method=depth needs prune.depth.ratio in (0, 1) "
                           "or prune.depth.num_blocks >= 1")
@@ -508,16 +552,31 @@ def _check_cross_fields(p: Params, source: str) -> None:
             raise ConfigError(f"{source}: data.domain_weights.{name}={w} is out of range [0, inf)")
     if p.data.domain_weights and sum(p.data.domain_weights.values()) <= 0:
         raise ConfigError(f"{source}: data.domain_weights must have a positive sum")
-    if len(p.retrain.betas) != 2 or not all(0 <= b < 1 for b in p.retrain.betas):
-        raise ConfigError(f"{source}: retrain.betas={p.retrain.betas} must be two numbers in [0, 1)")
-    if p.retrain.distill > 0 and p.retrain.method == "none":
-        raise ConfigError(f"{source}: retrain.distill={p.retrain.distill} needs retrain.method lora or cpt")
+    for method in ("lora", "cpt"):
+        betas = getattr(p.retrain, method).betas
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"{source}: retrain.{method}.betas={betas} must be two numbers in [0, 1)")
+    for key in ("distill", "distill_hidden"):
+        if getattr(p.retrain, key) > 0 and p.retrain.method == "none":
+            raise ConfigError(f"{source}: retrain.{key}={getattr(p.retrain, key)} needs retrain.method lora or cpt")
     for n in p.evaluate.ppl_seq_lens:
         if n < 2:
             raise ConfigError(f"{source}: evaluate.ppl_seq_lens has {n}; each length must be >= 2")
     for b in p.evaluate.speed.batch_sizes:
         if b < 1:
             raise ConfigError(f"{source}: evaluate.speed.batch_sizes has {b}; each batch size must be >= 1")
+
+
+def _check_depth_rounds(p: Params, source: str) -> None:
+    """prune.depth.blocks_per_round and heal_tokens: iterative mode only, and healing needs a method."""
+    depth = p.prune.depth
+    if depth.mode == "one_shot" and (depth.heal_tokens or depth.blocks_per_round != 1):
+        raise ConfigError(f"{source}: prune.depth.heal_tokens={depth.heal_tokens} and prune.depth.blocks_per_round="
+                          f"{depth.blocks_per_round} need prune.depth.mode=iterative (one_shot removes every block "
+                          "at once: set them to 0 and 1)")
+    if depth.mode == "iterative" and depth.heal_tokens and p.retrain.method == "none":
+        raise ConfigError(f"{source}: prune.depth.heal_tokens={depth.heal_tokens} heals with retrain.method, "
+                          "which is none; set retrain.method to lora or cpt, or prune.depth.heal_tokens to 0")
 
 
 # ----------------------------------------------------------------------------- what a stage reads
@@ -539,8 +598,10 @@ def pick(p: Params, keys: list[str]) -> dict[str, Any]:
 
 
 def _mixture_keys(p: Params) -> list[str]:
-    """The data and mixture keys a training run reads: the dynamic update's only when dynamic."""
-    keys = ["data.domain_weights", "mixture.eval_sequences"]
+    """The data and mixture keys a training run reads: the dynamic update's only when dynamic. The
+    held-out rows follow the evaluate stage's perplexity protocol (the reference's)."""
+    keys = ["data.domain_weights", "mixture.eval_sequences",
+            "evaluate.ppl_max_tokens", "evaluate.ppl_seq_lens", "evaluate.batch_size"]
     if p.mixture_kind() == "dynamic":
         keys += ["mixture.update_every", "mixture.eta", "mixture.smoothing", "mixture.reference_loss"]
     return keys
@@ -552,8 +613,12 @@ def prune_settings(p: Params) -> dict[str, Any]:
     keys = ["prune.method", "run.seed", "run.dtype"]
     if method == "depth":
         keys += ["run.device", "prune.depth", "score.keep_first", "score.keep_last"]
-        if p.prune.depth.mode == "iterative" and p.prune.depth.criterion != "sleb":  # re-scores on calibration
+        depth = p.prune.depth
+        in_rounds = depth.heal_tokens or depth.blocks_per_round != 1  # sleb keeps its order only without them
+        if depth.mode == "iterative" and (depth.criterion != "sleb" or in_rounds):  # re-scores on calibration
             keys += ["score.calib_sequences", "score.calib_seq_len", "score.batch_size"]
+        if depth.mode == "iterative" and depth.heal_tokens:  # heals with retrain's settings on the fixed mixture
+            keys += ["retrain", "data.domain_weights", "mixture.eval_sequences"]
     elif method == "width":
         keys += ["prune.target", "prune.width"]
     else:

@@ -59,6 +59,21 @@ def perplexity(model, rows: torch.Tensor, batch_size: int, bos_token_id: int | N
     return {"loss": loss, "ppl": math.exp(loss), "tokens": total_tokens}
 
 
+def ppl_rows(split: np.ndarray, length: int, max_tokens: int) -> np.ndarray:
+    """The rows [N, length] a domain's perplexity is measured on: its eval split's first `max_tokens` tokens."""
+    return rechunk(split, length)[: max(1, max_tokens // length)]
+
+
+def ppl_rows_per_pass(batch_size: int, seq_lens: list[int], length: int, max_positions: int, bos: bool) -> int:
+    """Rows of `length` tokens per forward pass: `batch_size` rows' worth of the longest length's tokens.
+
+    The float sums depend on it (a different batch rounds differently), so whoever must
+    reproduce these losses exactly (the dynamic mixture, shear.mixture) batches the same way.
+    """
+    longest = min(max(seq_lens), max_positions - int(bos))
+    return max(1, batch_size * longest // length)
+
+
 def domain_perplexity(model, eval_splits: dict[str, np.ndarray], seq_lens: list[int], max_tokens: int,
                       batch_size: int, bos_token_id: int | None) -> dict:
     """Per-domain perplexity at each length: {"ppl", "loss", "ppl_protocol"} sections of metrics.json.
@@ -76,16 +91,14 @@ def domain_perplexity(model, eval_splits: dict[str, np.ndarray], seq_lens: list[
     bos = bos_token_id is not None
     ppl, loss = {}, {}
     protocol = {"bos": int(bos), "seq_len": {}, "tokens": {}}
-    longest = min(max(seq_lens), max_positions - int(bos))
     for requested in seq_lens:
         key = str(requested)
         length = min(requested, max_positions - int(bos))
-        rows_per_pass = max(1, batch_size * longest // length)
+        rows_per_pass = ppl_rows_per_pass(batch_size, seq_lens, length, max_positions, bos)
         protocol["seq_len"][key] = length
         ppl[key], loss[key], protocol["tokens"][key] = {}, {}, {}
         for domain, split in eval_splits.items():
-            rows = rechunk(split, length)
-            rows = rows[: max(1, max_tokens // length)]
+            rows = ppl_rows(split, length, max_tokens)
             if len(rows) == 0:
                 print(f"evaluate: skipping {domain} at length {length}: its eval split holds fewer tokens")
                 continue

@@ -16,9 +16,20 @@ The training loop's contract, every `mixture.update_every` optimizer steps when 
 and `sampler.state_dict()` goes into every checkpoint: it holds the weights, the update
 history, the RNG and the per-domain cursors, so a resumed run draws exactly the batches
 the uninterrupted run would have.
+
+The current loss and the reference are measured the same way, so that an unchanged model
+has no excess loss (Δ = 0, exactly): `heldout_rows` takes the rows the evaluate stage scores
+at 128 tokens (its first `evaluate.ppl_max_tokens` tokens of each eval split, BOS in front
+when the tokenizer adds one, the same rows per forward pass) and `domain_losses` scores them
+with the evaluate stage's own `perplexity` (shear.evaluate, shear.nll), without the training
+run's mixed-precision autocast.
+
+A retraining with a dynamic mixture after sheared pruning continues from the pruning run's
+final weights (`continued_weights`), as Sheared-LLaMA's continued pre-training does.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -26,13 +37,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, rechunk
 from shear.errors import ShearError
+from shear.evaluate import perplexity, ppl_rows, ppl_rows_per_pass, tokenizer_adds_bos
 from shear.io import read_json
-from shear.nll import sequence_nll
 from shear.plots import pyplot, save_png
-from shear.config import HELDOUT_SEQ_LEN
-from shear.records import EvalMetrics
+from shear.records import EvalMetrics, MixtureRecord
 
 
 def initial_weights(domains: dict[str, np.ndarray], given: Optional[dict[str, float]] = None) -> dict[str, float]:
@@ -165,35 +176,95 @@ def build_sampler(mixture: str, domains: dict[str, np.ndarray], seq_len: int, se
     raise ShearError(f"params.yaml: data.mixture={mixture!r} is not known; valid: fixed, dynamic")
 
 
-def heldout_rows(shards_dir: str | Path, tokenizer, n_sequences: int,
-                 seq_len: int = HELDOUT_SEQ_LEN) -> dict[str, torch.Tensor]:
-    """The first `n_sequences` rows of `seq_len` tokens of each domain's eval split (fewer if it is short)."""
+class HeldoutRows(dict):
+    """{domain: LongTensor [rows, tokens]} of held-out rows (BOS already in front when the protocol
+    prepends one) and `rows_per_pass`: how many rows one forward pass scores, which the float
+    sums depend on."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], rows_per_pass: int):
+        super().__init__(rows)
+        self.rows_per_pass = rows_per_pass
+
+
+def heldout_rows(shards_dir: str | Path, tokenizer, n_sequences: Optional[int] = None,
+                 seq_len: int = HELDOUT_SEQ_LEN, *, max_tokens: Optional[int] = None,
+                 seq_lens: Optional[list[int]] = None, batch_size: int = 8,
+                 max_positions: Optional[int] = None) -> HeldoutRows:
+    """The rows of `seq_len` tokens of each domain's eval split that the evaluate stage scores, or
+    their first `n_sequences` (None: all of them).
+
+    max_tokens, seq_lens, batch_size: the evaluate stage's protocol (evaluate.ppl_max_tokens,
+    ppl_seq_lens, batch_size; max_tokens None: the whole split), max_positions: the model's
+    max_position_embeddings. With all of them and `n_sequences` None, `domain_losses` of these
+    rows equals the evaluate stage's `loss.<seq_len>` of the same model exactly: the same rows,
+    BOS rule (shear.evaluate.tokenizer_adds_bos), scored targets and rows per forward pass.
+    """
+    bos = tokenizer_adds_bos(tokenizer)
+    seq_lens = list(seq_lens or [seq_len])
+    max_positions = max_positions or max(seq_lens)
+    length = min(seq_len, max_positions - int(bos))  # the evaluate stage's clamp
     rows = {}
     for domain, arr in load_domains(shards_dir, "eval", tokenizer).items():
-        chunks = rechunk(arr, seq_len)[:n_sequences]
+        chunks = ppl_rows(arr, length, max_tokens) if max_tokens else rechunk(arr, length)
+        chunks = chunks[:n_sequences]
         if len(chunks) == 0:
-            raise ShearError(f"{shards_dir}/{domain}/eval.npy: no held-out sequence of {seq_len} tokens, which the "
+            raise ShearError(f"{shards_dir}/{domain}/eval.npy: no held-out sequence of {length} tokens, which the "
                              "dynamic mixture needs; raise shards.eval_fraction or add text to the domain")
-        rows[domain] = torch.from_numpy(np.asarray(chunks, dtype=np.int64))
-    return rows
+        x = torch.from_numpy(np.asarray(chunks, dtype=np.int64))
+        if bos:  # in the rows, so every consumer scores the same targets (1..L, not 2..L)
+            x = torch.cat([torch.full((len(x), 1), tokenizer.bos_token_id, dtype=torch.int64), x], dim=1)
+        rows[domain] = x
+    return HeldoutRows(rows, ppl_rows_per_pass(batch_size, seq_lens, length, max_positions, bos))
 
 
-def domain_losses(model, rows: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
-    """Mean next-token NLL (natural log, no BOS added) of the model on each domain's rows (shear.nll)."""
-    was_training = model.training
-    model.eval()
-    losses = {}
+@contextlib.contextmanager
+def plain_forward(model):
+    """Run `model` without the autocast that accelerate's mixed precision wraps its forward in.
+
+    The reference loss is measured by the evaluate stage in the weights' own dtype; measured
+    under bf16 autocast, the same model would differ from it by the rounding alone.
+    """
+    wrapped = [m for m in model.modules() if "_original_forward" in vars(m) and "forward" in vars(m)]
+    saved = [m.forward for m in wrapped]
+    for m in wrapped:
+        m.forward = m._original_forward
     try:
-        for domain, x in rows.items():
-            total, count = 0.0, 0
-            for start in range(0, len(x), batch_size):
-                nll, tokens = sequence_nll(model, x[start:start + batch_size])
-                total += nll
-                count += tokens
-            losses[domain] = total / count
+        yield
     finally:
-        model.train(was_training)
-    return losses
+        for m, forward in zip(wrapped, saved):
+            m.forward = forward
+
+
+def domain_losses(model, rows: dict[str, torch.Tensor], batch_size: Optional[int] = None) -> dict[str, float]:
+    """Mean next-token NLL (natural log) of the model on each domain's rows, measured by the evaluate
+    stage's `perplexity` (shear.evaluate; float32 log-softmax, float64 sums), without autocast.
+
+    batch_size: rows per forward pass; None = the rows' own `rows_per_pass` (`heldout_rows`), 8 for a
+    plain dict. Dropout is off while measuring and the training mode is restored after.
+    """
+    batch_size = batch_size or getattr(rows, "rows_per_pass", 8)
+    with plain_forward(model):
+        return {d: perplexity(model, x, batch_size, desc=f"held-out loss {d}")["loss"] for d, x in rows.items()}
+
+
+def continued_weights(pruned_record: dict, where: str, domains: list[str]) -> Optional[dict[str, float]]:
+    """The weights a dynamic retraining starts from: the final weights of the pruning run's dynamic
+    mixture, recorded in the pruned model's shear.json (`where`); None when the pruning run had no
+    dynamic mixture (depth, width, or a fixed mixture).
+
+    Sheared-LLaMA continues pre-training from the pruning run's final domain weights
+    (LLM-Shearing's continue_pretrain.sh: "final proportion of pruning"), not from the
+    initial ones.
+    """
+    if "mixture" not in pruned_record:
+        return None
+    record = MixtureRecord.from_dict(pruned_record["mixture"], f"{where} mixture")
+    if record.kind != "dynamic":
+        return None
+    if sorted(record.final_weights) != sorted(domains):
+        raise ShearError(f"{where}: the pruning run's mixture has domains {sorted(record.final_weights)}, but the "
+                         f"shards have {sorted(domains)}; re-run the prune stage on these shards")
+    return dict(record.final_weights)
 
 
 def reference_losses(base_metrics_path: str | Path, given: Optional[dict[str, float]], domains: list[str],

@@ -6,6 +6,8 @@ contract is a type, not a set of dict keys spread over readers):
 - `ModelShape`: a LLaMA shape (the size fields of a config, `head_dim` explicit);
 - `ModelRecord`: `shear.json` beside every checkpoint: how it was made, its architecture,
   its parameter counts;
+- `MixtureRecord`: its `mixture` section after sheared pruning: the domain weights the
+  pruning run ended with, where a dynamic retraining continues from;
 - `EvalMetrics`: `reports/eval/<model>/metrics.json` of the evaluate stage;
 - `SpeedRecord`: `reports/speed.json` of the speed stage (every model timed in one run);
 - `WidthScoreSummary`: the small JSON beside a width-score tensor file of the score stage.
@@ -156,6 +158,31 @@ class ModelRecord:
         if self.parameters is not None:
             out["parameters"] = asdict(self.parameters)
         return out
+
+
+@dataclass
+class MixtureRecord:
+    """`mixture` in the shear.json of a sheared-pruned model: the run's mixture `kind` (fixed |
+    dynamic), its `final_weights` per domain and, when dynamic, the update `history`
+    ([{"weights", "losses"}] per update, shear.mixture.DynamicDomainSampler)."""
+
+    kind: str
+    final_weights: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> MixtureRecord:
+        weights = _need(data, "final_weights", where, dict)
+        bad = [d for d, w in weights.items()
+               if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
+        if bad or not weights or sum(weights.values()) <= 0:
+            raise ShearError(f"{where}: final_weights must be finite weights >= 0 with a positive sum"
+                             f"{f' (not {bad[0]}={weights[bad[0]]!r})' if bad else ''}; re-run the stage that writes it")
+        return cls(kind=_need(data, "kind", where, str), final_weights={d: float(w) for d, w in weights.items()},
+                   history=list(data.get("history") or []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "final_weights": dict(self.final_weights), "history": list(self.history)}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -15,9 +15,11 @@ Every process draws the same global batch from one sampler with the same seed, s
 sampler's state is the same everywhere and rank 0 checkpoints it for all; a run on N
 processes sees the same global batch as one process with N times the micro-batch.
 
-Learning-rate shape: linear warm-up over `warmup_steps`, then cosine decay to
-FINAL_LR_RATIO of the peak at the last step (LLaMA's, and Sheared-LLaMA's reference run).
-The schedule is a function of the step, so the step is all of its checkpointed state.
+Learning-rate shape: linear warm-up over `warmup_steps`, then either cosine decay to
+FINAL_LR_RATIO of the peak at the last step (LLaMA's, and Sheared-LLaMA's reference run) or
+linear decay towards zero (the Hugging Face Trainer's default, which Alpaca-LoRA and
+Shortened LLaMA's LoRA retraining use). The schedule is a function of the step, so the step
+is all of its checkpointed state.
 
 Checkpoints (no pickle anywhere): `<dir>/last/meta.json` holds the run's fingerprint, the
 step and every non-tensor value (sampler, losses); the tensors (weights, optimizer moments,
@@ -168,13 +170,22 @@ def check_train_tokens(section: str, domains: dict[str, np.ndarray], seq_len: in
         )
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Learning-rate multiplier of optimizer step `step` (0-based): linear warm-up, cosine decay to 10%.
+LR_SCHEDULES = ("cosine", "linear")
 
-    Warm-up reaches 1 at step warmup_steps - 1; the decay reaches FINAL_LR_RATIO at the last step.
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, shape: str = "cosine") -> float:
+    """Learning-rate multiplier of optimizer step `step` (0-based): linear warm-up, then a decay of `shape`.
+
+    Warm-up reaches 1 at step warmup_steps - 1. cosine: reaches FINAL_LR_RATIO at the last step.
+    linear: the Hugging Face Trainer's (total - step) / (total - warmup), which would reach 0 one
+    step after the last, so no step is spent at a zero learning rate.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if shape == "linear":
+        return (total_steps - step) / max(1, total_steps - warmup_steps)
+    if shape != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {shape!r}; valid: {', '.join(LR_SCHEDULES)}")
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps - 1)
     return FINAL_LR_RATIO + (1 - FINAL_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -591,7 +602,7 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
         grad_clip: float = 1.0, eval_rows: Optional[dict[str, torch.Tensor]] = None,
         eval_every: Optional[int] = None, update_every: Optional[int] = None, live=None,
         checkpoint_dir: Optional[str | Path] = None, checkpoint_every: int = 1, fingerprint: str = "",
-        resume: Optional[dict] = None, seed: int = 0,
+        resume: Optional[dict] = None, seed: int = 0, lr_schedule: str = "cosine",
         on_eval: Optional[Callable[[int, dict], None]] = None) -> RunResult:
     """Run `plan.total_steps` optimizer steps of `objective` on a prepared `model` and `optimizer`
     (None: no weight of the model trains).
@@ -601,6 +612,7 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
     sampler's dynamic mixture (None = fixed mixture). live: a DVCLive `Live` on rank 0.
     checkpoint_dir / fingerprint: where and as which run to checkpoint every
     `checkpoint_every` steps and at the end; resume: a state from `read_checkpoint`.
+    lr_schedule: the decay after warm-up, cosine | linear (`lr_factor`).
     """
     from shear import mixture
 
@@ -633,7 +645,7 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
     t_start, after = time.perf_counter(), None
     for step in range(start, total):
         t0 = time.perf_counter()
-        factor = lr_factor(step, total, plan.warmup_steps)
+        factor = lr_factor(step, total, plan.warmup_steps, lr_schedule)
         for group in (g for o in optimizers for g in o.param_groups):
             group["lr"] = group["peak_lr"] * factor
         objective.begin_step(step)

@@ -30,6 +30,7 @@ from shear.plan import check_stage
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
 from shear.prune.sheared import prune_sheared
+from shear.records import MixtureRecord
 from shear.trainer import (check_seq_len, check_train_tokens, launched, make_accelerator, open_live, plan_run,
                            read_checkpoint, relaunch)
 
@@ -71,7 +72,10 @@ def main(params, args):
                             reference, mixture.eta, mixture.smoothing)
     if dynamic:
         check_seq_len("prune.sheared (held-out rows)", HELDOUT_SEQ_LEN, model.config)
-    heldout = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN) if dynamic else None
+    ev = params.evaluate  # the reference's protocol: the same rows and batching, so Δ = 0 for the unpruned model
+    heldout = heldout_rows(SHARDS, tokenizer, None, HELDOUT_SEQ_LEN, max_tokens=ev.ppl_max_tokens,
+                           seq_lens=ev.ppl_seq_lens, batch_size=ev.batch_size,
+                           max_positions=model.config.max_position_embeddings) if dynamic else None
 
     # Everything that defines the run: a checkpoint from any other run is not resumed. The
     # process count and sharding are not part of it as such: the same rows per draw and
@@ -84,6 +88,8 @@ def main(params, args):
         "rows_per_draw": plan.batch_size * plan.world_size,
         "target": target, "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None, "reference": reference,
+        "heldout": {k: getattr(params.evaluate, k) for k in ("ppl_max_tokens", "ppl_seq_lens", "batch_size")}
+        if dynamic else None,
         "seed": seed, "device": accelerator.device.type, "base": model_digest(BASE_MODEL),
         "shards": load_manifest(SHARDS),
     })
@@ -101,7 +107,8 @@ def main(params, args):
         if dynamic:
             plot_weights(sampler, PRUNE_LOGS / "mixture_weights.png", mixture.update_every)
         info = save_model(pruned, tokenizer, PRUNED_MODEL, {
-            **record, "source": base_record.get("source"), "mixture": {**record["mixture"], "kind": kind},
+            **record, "source": base_record.get("source"),
+            "mixture": MixtureRecord(kind=kind, **record["mixture"]).to_dict(),
             "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
         })
         after = info["parameters"]

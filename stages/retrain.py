@@ -1,5 +1,9 @@
 """Stage `retrain`: LoRA | CPT | none on data/models/pruned, optionally distilled from
-data/models/base, -> data/models/retrained/ (a plain checkpoint: LoRA is merged).
+data/models/base (logits, and hidden states mapped by the blocks pruned/shear.json says were
+kept), -> data/models/retrained/ (a plain checkpoint: LoRA is merged).
+
+With a dynamic mixture after sheared pruning, the domain weights start where the pruning run's
+ended (`mixture.final_weights` of data/models/pruned/shear.json), as in Sheared-LLaMA.
 
 Also writes data/checkpoints/retrain/last/ every retrain.checkpoint_every steps (a DVC
 `persist` output: re-running the stage with the same params resumes from it; a checkpoint of
@@ -32,9 +36,11 @@ import shutil
 
 from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
+from shear.distill import block_map
 from shear.errors import ShearError
 from shear.io import atomic_dir, model_digest, recover_dir, run_hash, write_json
-from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
+from shear.mixture import (build_sampler, continued_weights, domain_losses, heldout_rows, plot_weights,
+                           reference_losses)
 from shear.models import load_model, pick_device, save_model
 from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
                          SHARDS)
@@ -44,10 +50,20 @@ from shear.trainer import (check_seq_len, check_train_tokens, launched, make_acc
                            read_checkpoint, relaunch)
 
 
+def heldout(params, tokenizer, config, dynamic: bool):
+    """The held-out rows of the run's loss: all of the evaluate stage's 128-token rows for a dynamic
+    mixture (its reference's own, so the excess loss of an unchanged model is 0), the first
+    mixture.eval_sequences of them otherwise (a logged loss only)."""
+    ev = params.evaluate
+    return heldout_rows(SHARDS, tokenizer, None if dynamic else params.mixture.eval_sequences, HELDOUT_SEQ_LEN,
+                        max_tokens=ev.ppl_max_tokens, seq_lens=ev.ppl_seq_lens, batch_size=ev.batch_size,
+                        max_positions=config.max_position_embeddings)
+
+
 def copy_pruned(params) -> None:
     """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
     model, tokenizer, record = load_model(PRUNED_MODEL)
-    losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN))
+    losses = domain_losses(model, heldout(params, tokenizer, model.config, dynamic=False))
     with atomic_dir(RETRAINED_MODEL) as tmp:
         for f in PRUNED_MODEL.iterdir():
             if f.name != "shear.json":
@@ -71,7 +87,7 @@ def main(params, args):
         # The checks that need no model, before paying for N processes.
         plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
                  retrain.num_processes, retrain.warmup_fraction)
-        if retrain.distill > 0:
+        if retrain.needs_teacher:
             require_teacher(BASE_MODEL)
         fsdp = retrain.method == "cpt" and pick_device(params.run.device).type == "cuda"
         if relaunch("stages.retrain", retrain.num_processes, args.params, fsdp=fsdp) != 0:
@@ -84,22 +100,33 @@ def main(params, args):
     is_main = accelerator.is_main_process
     plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
              accelerator.num_processes, retrain.warmup_fraction)
-    if retrain.distill > 0:
+    if retrain.needs_teacher:
         require_teacher(BASE_MODEL)
     model, tokenizer, record = load_model(PRUNED_MODEL)
     check_seq_len("retrain", retrain.seq_len, model.config)
     check_seq_len("retrain (held-out rows)", HELDOUT_SEQ_LEN, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
     check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
-    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.needs_teacher else None
+    mapping = (block_map(record, teacher.config, model.config, f"{PRUNED_MODEL}/shear.json")
+               if retrain.distill_hidden > 0 else None)
+    if mapping is not None and model.config.hidden_size != teacher.config.hidden_size and \
+            accelerator.distributed_type.name == "FSDP":
+        # the learned width map lives outside the sharded model, which FSDP's checkpoints and clipping cannot hold
+        raise ShearError(f"retrain.distill_hidden > 0 on a narrower pruned model (hidden {model.config.hidden_size} "
+                         f"< {teacher.config.hidden_size}) is not supported under FSDP (cpt on several GPUs); "
+                         "set retrain.num_processes: 1 or retrain.method: lora")
 
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"
     mixture = params.mixture
     reference = reference_losses(BASE_METRICS, mixture.reference_loss, list(domains), HELDOUT_SEQ_LEN) if dynamic else None
-    sampler = build_sampler(kind, domains, retrain.seq_len, params.run.seed, params.data.domain_weights,
+    # A dynamic mixture continues where the sheared pruning run's ended (Sheared-LLaMA), else
+    # starts from data.domain_weights (empty: proportional to size).
+    start = continued_weights(record, f"{PRUNED_MODEL}/shear.json", list(domains)) if dynamic else None
+    sampler = build_sampler(kind, domains, retrain.seq_len, params.run.seed, start or params.data.domain_weights,
                             reference, mixture.eta, mixture.smoothing)
-    rows = heldout_rows(SHARDS, tokenizer, mixture.eval_sequences, HELDOUT_SEQ_LEN)
+    rows = heldout(params, tokenizer, model.config, dynamic)
     if retrain.method == "lora":
         model = apply_lora(model, retrain.lora.r, retrain.lora.alpha, retrain.lora.dropout, retrain.lora.target_modules)
 
@@ -107,9 +134,11 @@ def main(params, args):
     # counts through the actual world size.
     settings = {
         "retrain": {k: v for k, v in dataclasses.asdict(retrain).items()
-                    if k not in ("checkpoint_every", "eval_every", "num_processes")},
+                    if k not in ("checkpoint_every", "eval_every", "num_processes", *{"lora", "cpt"} - {retrain.method})},
         "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None,
+        "start_weights": start,  # the pruning run's final weights are in shear.json, not in model_digest
+        "evaluate": {k: getattr(params.evaluate, k) for k in ("ppl_max_tokens", "ppl_seq_lens", "batch_size")},
         "seed": params.run.seed,
         "world_size": accelerator.num_processes,
         "model": model_digest(PRUNED_MODEL),
@@ -121,7 +150,7 @@ def main(params, args):
 
     live = open_live(RETRAIN_LOGS, resume["step"] if resume is not None else None) if is_main else None
     trained, summary = train(
-        model, sampler, retrain, accelerator, teacher=teacher, eval_rows=rows,
+        model, sampler, retrain, accelerator, teacher=teacher, mapping=mapping, eval_rows=rows,
         update_every=mixture.update_every if dynamic else None, live=live, checkpoint_dir=RETRAIN_CHECKPOINTS,
         run_id=run_id, resume=resume, seed=params.run.seed,
     )
@@ -135,13 +164,14 @@ def save(params, kind, trained, tokenizer, record, summary, sampler, live) -> No
     """Rank 0: the retrained model with what was done in its shear.json, the mixture plot, the logs."""
     retrain, mixture = params.retrain, params.mixture
     summary |= {
-        "distill": retrain.distill, "distill_temperature": retrain.distill_temperature, "lr": retrain.lr,
+        "distill": retrain.distill, "distill_temperature": retrain.distill_temperature,
+        "distill_hidden": retrain.distill_hidden, "distill_hidden_loss": retrain.distill_hidden_loss, "lr": retrain.lr,
         "batch_size": retrain.batch_size, "seq_len": retrain.seq_len, "grad_accum": retrain.grad_accum,
         "mixture": kind,
     }
-    if retrain.method == "lora":
-        summary["lora"] = dataclasses.asdict(retrain.lora)
+    summary[retrain.method] = dataclasses.asdict(retrain.recipe)  # lora: adapters and optimizer; cpt: optimizer
     if kind == "dynamic":
+        summary["mixture_initial_weights"] = dict(sampler.initial_weights)
         # In DVCLive's images folder, which a fresh (not resumed) run clears.
         plot_weights(sampler, RETRAIN_LOGS / "plots" / "images" / "mixture_weights.png", mixture.update_every)
     save_model(trained, tokenizer, RETRAINED_MODEL, {**record, "retrain": summary})  # architecture and counts are refreshed

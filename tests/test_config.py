@@ -26,7 +26,7 @@ BAD = [
     ({"score": {"block_criteria": ["ppl", "psychic"]}}, "score.block_criteria has unknown criterion 'psychic'"),
     ({"corpus": {"domains": ["poetry"]}}, "corpus.domains has unknown domain 'poetry'"),
     ({"data": {"mixture": "random"}}, "data.mixture='random' is not valid; choose one of auto, fixed, dynamic"),
-    ({"retrain": {"betas": [0.9, 1.5]}}, "retrain.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    ({"retrain": {"lora": {"betas": [0.9, 1.5]}}}, "retrain.lora.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     ({"evaluate": {"speed": {"batch_sizes": 4}}}, "evaluate.speed.batch_sizes=4 must be a list of an integer"),
     ({"run": {"device": "tpu"}}, "run.device='tpu' is not valid; choose one of auto, cpu, cuda"),
     ({"run": {"dtype": "float16"}}, "run.dtype='float16' is not valid; choose one of auto, float32, bfloat16"),

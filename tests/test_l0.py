@@ -122,3 +122,90 @@ def test_top_k_mask_per_row():
     s = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])
     assert top_k_mask(s, 1).tolist() == [[True, False, False], [False, True, False]]
     assert top_k_mask(s, torch.tensor([2, 0])).tolist() == [[True, False, True], [False, False, False]]
+
+
+# ----------------------------------------------------------------------------- GQA: per-group constraint and cut
+
+GQA_SPEC = "layers=2,hidden=64,heads=8,kv_heads=2,mlp=32"  # 2 KV groups of 4 query heads
+
+
+def gqa_masks(heads, kv, spec=GQA_SPEC):
+    model, _ = make_tiny_model(spec, seed=0)
+    source = architecture(model.config)
+    return L0Masks(source, {**source, "num_attention_heads": heads, "num_key_value_heads": kv})
+
+
+def train_on_toy_objective(masks, steps=300, lr=1.0):
+    """Learn the masks against a reward that prefers group 0's heads, under the Lagrangian.
+
+    With a per-layer constraint the cheapest way to its target is to keep group 0 and drop
+    group 1, a shape the per-group cut cannot produce; the per-group constraint must balance
+    them. lr 1.0 for masks and multipliers, as the paper's run.
+    """
+    L, H = masks.masks["head"].log_alpha.shape
+    reward = torch.tensor([4.0, 3, 2, 1, 0.4, 0.3, 0.2, 0.1]).expand(L, H) * 0.1
+    optimizer = torch.optim.Adam([{"params": list(masks.masks.parameters()), "lr": lr},
+                                  {"params": list(masks.lambdas.parameters()), "lr": lr, "maximize": True}])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        masks.constrain()
+        z = masks.sample(g)
+        loss = -(reward * masks.effective_heads(z)).sum() + masks.lagrangian(progress=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    masks.constrain()
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 2), (2, 1)])
+def test_gqa_training_reaches_per_group_target_and_cut_keeps_what_training_kept(heads, kv):
+    masks = gqa_masks(heads, kv)
+    per_group = heads // kv
+    train_on_toy_objective(masks)
+    with torch.no_grad():
+        expected = masks.expected_scores()
+        kept_per_group = expected["head"].view(2, 2, 4).sum(-1)           # [layers, KV groups]
+    assert (kept_per_group - per_group).abs().max() < 0.25, kept_per_group
+    if kv < 2:
+        assert (expected["kv_head"].sum(-1) - kv).abs().max() < 0.25
+    # The cut keeps exactly the heads that training kept (P(z > 0) > 0.5 after the group mask).
+    z = masks.deterministic(exact=True)
+    trained = masks.effective_heads(expected) > 0.5
+    assert (masks.effective_heads(z) != 0).tolist() == trained.tolist()
+    # The model evaluated during training (rounded expected sizes) is the model the cut makes.
+    assert ((masks.deterministic(exact=False)["head"] != 0) == (z["head"] != 0)).all()
+
+
+def test_gqa_cut_keeps_highest_scoring_heads_of_each_kept_group():
+    masks = gqa_masks(2, 1)   # 1 of 2 KV groups kept, 2 of its 4 query heads
+    randomise(masks, seed=3)
+    scores = masks.masks["head"].score()
+    kv_scores = masks.masks["kv_head"].score()
+    keep = masks.kept_units(masks.deterministic(exact=True))
+    for layer in range(2):  # a plain loop: best groups, then the best heads inside each
+        groups = sorted(range(2), key=lambda k: -kv_scores[layer, k].item())[:1]
+        heads = sorted(h for k in groups
+                       for h in sorted(range(4 * k, 4 * k + 4), key=lambda h: -scores[layer, h].item())[:2])
+        assert keep["kv_heads"][layer] == sorted(groups)
+        assert keep["heads"][layer] == heads
+
+
+@pytest.mark.parametrize("spec,heads,kv,groups", [
+    (GQA_SPEC, 4, 2, 2),                                       # GQA: a constraint per KV group
+    ("layers=2,hidden=64,heads=4,kv_heads=4,mlp=32", 2, 2, 1),  # MHA: the paper's per-layer constraint
+])
+def test_head_lagrangian_is_per_selection_group(spec, heads, kv, groups):
+    masks = gqa_masks(heads, kv, spec)
+    randomise(masks, seed=1)
+    with torch.no_grad():
+        for name, lam in masks.lambdas.items():
+            lam.fill_({"head_1": 0.7, "head_2": 1.3}.get(name, 0.0))
+    p = masks.masks["head"].expected_score()
+    n = p.shape[-1] // groups
+    target = 1 - (heads // kv if groups > 1 else heads) / n
+    terms = []
+    for layer in range(p.shape[0]):  # loop reference: one (gap, penalty) per layer and selection group
+        for k in range(groups):
+            gap = 1 - p[layer, k * n:(k + 1) * n].mean() - target
+            terms.append(0.7 * gap + 1.3 * gap ** 2)
+    assert masks.lagrangian(progress=1.0).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)

@@ -9,8 +9,8 @@ import torch
 
 from shear.data import load_split, rechunk
 from shear.errors import ShearError
-from shear.mixture import (DomainSampler, DynamicDomainSampler, build_sampler, domain_losses, heldout_rows,
-                           log_mixture, plot_weights, reference_losses)
+from shear.mixture import (DomainSampler, DynamicDomainSampler, build_sampler, continued_weights, domain_losses,
+                           heldout_rows, initial_weights, log_mixture, plot_weights, reference_losses)
 
 SEQ = 16
 
@@ -190,3 +190,125 @@ def test_log_mixture_and_plot(tmp_path):
     assert s.initial_weights != s.weights  # two updates moved the mixture away from where it started
     png = plot_weights(s, tmp_path / "weights.png", update_every=10)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def stage_dir(tmp_path, shards, monkeypatch, model, tok, name: str, record: dict) -> None:
+    """A repository-like working directory: data/models/<name> and data/shards, as the stages find them."""
+    from shear.models import save_model
+
+    save_model(model, tok, tmp_path / "data" / "models" / name, record)
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_unpruned_model_has_no_excess_loss_at_step_0(tmp_path, raw_corpus, tiny, monkeypatch, bos):
+    """Δ = 0 exactly for every domain under the default protocol: the reference by the evaluate
+    stage, the current loss by the dynamic mixture's rows and measurement (with and without BOS)."""
+    import argparse
+
+    from shear.config import Params
+    from shear.data import build_shards, load_domains
+    from shear.models import load_model
+    from shear.paths import BASE_METRICS, BASE_MODEL, SHARDS
+    from stages import evaluate as evaluate_stage
+    from stages.retrain import heldout
+
+    model, tok = tiny
+    tok.add_bos_token = bos  # a tokenizer that adds BOS: the evaluate stage prepends it to every row
+    shards = tmp_path / "shards"
+    build_shards(raw_corpus, tok, shards, seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
+                 max_tokens_per_domain=200_000, seed=0)
+    stage_dir(tmp_path, shards, monkeypatch, model, tok, "base", {"method": "tiny"})
+    params = Params()  # the default protocol: 128 and 1024 tokens, 8192 tokens per domain, batch 8
+    params.run.device, params.evaluate.tasks = "cpu", []
+    evaluate_stage.main(params, argparse.Namespace(model="base"))
+    domains = list(load_domains(SHARDS, "train"))
+    reference = reference_losses(BASE_METRICS, {}, domains)
+
+    model, tok, _ = load_model(BASE_MODEL)
+    rows = heldout(params, tok, model.config, dynamic=True)
+    assert {x.shape[1] for x in rows.values()} == {128 + bos}  # BOS in front: 128 scored targets per row
+    assert {len(x) for x in rows.values()} == {params.evaluate.ppl_max_tokens // 128}  # 64 rows
+    model.train()
+    losses = domain_losses(model, rows)
+    assert {d: losses[d] - reference[d] for d in domains} == dict.fromkeys(domains, 0.0)
+    sampler = DynamicDomainSampler(load_domains(SHARDS, "train"), 32, 0, reference=reference, smoothing=0.0)
+    assert sampler.update(losses) == pytest.approx(sampler.initial_weights, rel=1e-12)  # no push anywhere
+    # The fixed mixture's logged loss is the first mixture.eval_sequences of the same rows.
+    few = heldout(params, tok, model.config, dynamic=False)
+    for d in domains:
+        assert torch.equal(few[d], rows[d][:params.mixture.eval_sequences])
+
+
+def test_measurement_runs_without_mixed_precision_autocast(tiny):
+    """Under accelerate's bf16 autocast the training model's held-out loss equals the plain model's."""
+    import copy
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    rows = {"x": torch.randint(0, 259, (4, 32), generator=g)}
+    plain = domain_losses(model, rows)
+    AcceleratorState._reset_state(True)
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(copy.deepcopy(model))
+        with torch.no_grad():
+            autocast_loss = float(prepared(input_ids=rows["x"], labels=rows["x"]).loss)
+        assert autocast_loss != pytest.approx(plain["x"], rel=1e-6)  # the wrapper does change the figure
+        assert domain_losses(prepared, rows) == plain
+        with torch.no_grad():
+            assert float(prepared(input_ids=rows["x"], labels=rows["x"]).loss) == autocast_loss  # wrapper restored
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_continued_weights_from_the_pruned_record():
+    from shear.records import MixtureRecord
+
+    final = {"code": 0.7, "prose": 0.3}
+    record = {"method": "sheared", "mixture": MixtureRecord("dynamic", final, []).to_dict()}
+    assert continued_weights(record, "shear.json", ["prose", "code"]) == final
+    assert continued_weights({"method": "depth"}, "shear.json", ["code"]) is None
+    assert continued_weights({"mixture": {"kind": "fixed", "final_weights": final}}, "shear.json", ["code"]) is None
+    with pytest.raises(ShearError, match=r"shear.json: the pruning run's mixture has domains \['code', 'prose'\], "
+                                         r"but the shards have \['books', 'code'\]; re-run the prune stage"):
+        continued_weights(record, "shear.json", ["code", "books"])
+    with pytest.raises(ShearError, match="shear.json mixture: final_weights must be finite weights >= 0"):
+        continued_weights({"mixture": {"kind": "dynamic", "final_weights": {"code": -1.0}}}, "shear.json", ["code"])
+
+
+def test_cpt_after_sheared_starts_from_the_recorded_final_weights(tmp_path, shards, tiny, monkeypatch):
+    """The prune stage (sheared, dynamic) records its final weights; the retrain stage's dynamic
+    sampler starts from them, not from the size-proportional weights."""
+    import argparse
+
+    from shear.config import parse_params
+    from shear.data import load_domains
+    from shear.models import load_model
+    from shear.paths import PRUNED_MODEL, RETRAINED_MODEL
+    from stages import prune_sheared, retrain
+
+    model, tok = tiny
+    stage_dir(tmp_path, shards, monkeypatch, model, tok, "base", {"method": "tiny"})
+    params = parse_params({
+        "run": {"device": "cpu"},
+        # code far above its reference, prose below: the pruning run moves weight to code
+        "mixture": {"reference_loss": {"code": 0.0, "prose": 9.0}, "update_every": 1},
+        "prune": {"method": "sheared", "target": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
+                                                  "num_key_value_heads": 1, "intermediate_size": 96},
+                  "sheared": {"tokens": 2 * 4 * 32, "batch_size": 4, "seq_len": 32}},
+        "retrain": {"method": "cpt", "tokens": 64, "batch_size": 2, "seq_len": 32},
+    })
+    assert params.mixture_kind() == "dynamic"
+    prune_sheared.main(params, argparse.Namespace(params="params.yaml"))
+    _, _, pruned = load_model(PRUNED_MODEL)
+    final = pruned["mixture"]["final_weights"]
+    proportional = initial_weights(load_domains("data/shards", "train"))
+    assert final["code"] > proportional["code"] + 0.1  # the pruning run did move the mixture
+
+    retrain.main(params, argparse.Namespace(params="params.yaml"))
+    _, _, retrained = load_model(RETRAINED_MODEL)
+    assert retrained["retrain"]["mixture_initial_weights"] == pytest.approx(final, rel=1e-12)

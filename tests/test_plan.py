@@ -20,6 +20,7 @@ RUNTIME = RUNTIME_BYTES["cpu"]
 def small_params(**sections):
     raw = {"score": {"block_criteria": ["ppl"], "width_criteria": [], "calib_sequences": 2, "calib_seq_len": 4,
                      "batch_size": 2},
+           "prune": {"depth": {"criterion": "ppl"}},
            "retrain": {"method": "cpt", "batch_size": 2, "seq_len": 8},
            "evaluate": {"ppl_seq_lens": [4], "batch_size": 2, "speed": {"batch_sizes": [1, 3], "prompt_len": 5,
                                                                        "new_tokens": 3}}}

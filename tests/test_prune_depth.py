@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -86,17 +87,72 @@ def test_iterative_ppl_follows_sleb(tiny):
     calib = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
     _, order = sleb_scores(model, calib, batch_size=3, n=2)
     pruned = copy.deepcopy(model)
-    removed, steps = prune_iterative(pruned, 2, ppl_scores(model, calib, 3, progress=False),
-                                     lambda m, k: ppl_scores(m, calib, 3, progress=False))
+    pruned, removed, steps = prune_iterative(pruned, 2, ppl_scores(model, calib, 3, progress=False),
+                                             lambda m, k: ppl_scores(m, calib, 3, progress=False))
     assert removed == order
     assert pruned.config.num_hidden_layers == 2 and steps[1]["blocks"] == [b for b in range(4) if b != order[0]]
 
 
 def test_iterative_never_removes_protected(tiny):
     model, _ = tiny
-    removed, _ = prune_iterative(model, 2, [0.0, 1, 2, 3], lambda m, k: [0.0] * m.config.num_hidden_layers,
-                                 protected=[0, 3])
+    _, removed, _ = prune_iterative(model, 2, [0.0, 1, 2, 3], lambda m, k: [0.0] * m.config.num_hidden_layers,
+                                    protected=[0, 3])
     assert sorted(removed) == [1, 2]
+
+
+def scaled_blocks(factors):
+    """A tiny model whose block i has its weight matrices scaled by factors[i]: magnitude ranks them."""
+    model, _ = make_tiny_model(f"layers={len(factors)},hidden=32,heads=2,kv_heads=1,mlp=64", seed=1)
+    with torch.no_grad():
+        for layer, f in zip(model.model.layers, factors):
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.mul_(f)
+    return model
+
+
+def test_healing_between_rounds_changes_the_next_choice_in_original_indices():
+    from shear.importance.blocks import block_magnitude, magnitude_scores
+
+    factors = [2.0, 4.0, 1.0, 5.0, 3.0]  # magnitude order: 2 < 0 < 4 < 1 < 3
+    _, plain, _ = prune_iterative(scaled_blocks(factors), 2, magnitude_scores(scaled_blocks(factors)),
+                                  lambda m, k: magnitude_scores(m))
+    assert plain == [2, 0]
+
+    seen = []
+
+    def heal(m, r):  # stands in for training: after round 0, original block 0 (now first) grows
+        seen.append([round(block_magnitude(layer)) for layer in m.model.layers])
+        with torch.no_grad():
+            if r == 0:
+                for p in m.model.layers[0].parameters():
+                    p.mul_(10)
+        return m, {"round": r}
+
+    model = scaled_blocks(factors)
+    model, removed, rounds = prune_iterative(model, 2, magnitude_scores(model), lambda m, k: magnitude_scores(m),
+                                             heal=heal)
+    assert removed == [2, 4]  # the healed block 0 is kept; block 4 (current index 3) goes, reported as 4
+    assert [r["removed"] for r in rounds] == [[2], [4]] and rounds[1]["blocks"] == [0, 1, 3, 4]
+    assert [r["heal"] for r in rounds] == [{"round": 0}, {"round": 1}]
+    assert len(seen[0]) == 4 and len(seen[1]) == 3  # healed after each round's removal, the last one included
+    assert model.config.num_hidden_layers == 3
+
+
+def test_rounds_of_several_blocks():
+    from shear.importance.blocks import magnitude_scores
+
+    factors = [2.0, 4.0, 1.0, 5.0, 3.0, 6.0]
+    first = magnitude_scores(scaled_blocks(factors))
+    # one round of n blocks is the one-shot choice
+    _, removed, rounds = prune_iterative(scaled_blocks(factors), 3, first, lambda m, k: magnitude_scores(m),
+                                         per_round=3)
+    assert sorted(removed) == select_blocks({"scores": first}, 3) == [0, 2, 4] and len(rounds) == 1
+    # 3 blocks, 2 per round: a round of 2 then a round of 1, each the lowest of the current model
+    calls = []
+    _, removed, rounds = prune_iterative(scaled_blocks(factors), 3, first,
+                                         lambda m, k: calls.append(k) or magnitude_scores(m), per_round=2)
+    assert removed == [2, 0, 4] and [r["removed"] for r in rounds] == [[2, 0], [4]] and calls == [1]
 
 
 LOGITS_SCRIPT = """
@@ -181,6 +237,163 @@ def test_score_and_prune_stages(tmp_path, monkeypatch, tiny, shards):
     with pytest.raises(ShearError, match="prune.depth.num_blocks=3 conflicts with ppl\\+ protecting 2 of 4 blocks; valid: 1..2"):
         prune.main(stage_params(criterion="ppl+", ratio=None, num_blocks=3), None)
 
+
+@pytest.mark.parametrize("method", ["lora", "cpt"])
+def test_prune_and_heal_stage(tmp_path, monkeypatch, tiny, shards, method):
+    from transformers import AutoModelForCausalLM
+
+    from shear.data import calibration_batch
+    from stages import prune, prune_depth, score
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    params = stage_params(criterion="ppl", mode="iterative", ratio=None, num_blocks=2)
+    params.score.block_criteria = ["ppl"]
+    params.retrain.method, params.retrain.lr = method, 1e-3
+    params.retrain.batch_size, params.retrain.seq_len = 2, 32  # 64 tokens a step
+    params.mixture.eval_sequences = 2
+    score.main(params, None)
+
+    # heal_tokens 0 is today's iterative mode: SLEB's greedy order on the calibration rows
+    prune.main(params, None)
+    plain = read_json("data/models/pruned/shear.json")
+    calib = calibration_batch("data/shards", 4, 32, tok)
+    assert plain["removed_blocks"] == sleb_scores(model, calib, batch_size=2, n=2)[1]
+    assert plain["rounds"] == 2 and plain["heal_tokens"] == 0 and "heal" not in plain["removal_steps"][0]
+
+    # killed while healing round 2: the previous output stays (written once, atomically) ...
+    params.prune.depth.heal_tokens = 350  # 5 steps of 64 tokens: 3 in round 1, 2 in round 2
+    real_train, calls = prune_depth.train, []
+
+    def dies_in_round_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(prune_depth, "train", dies_in_round_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        prune.main(params, None)
+    assert read_json("data/models/pruned/shear.json") == plain
+    # ... and the re-run resumes after round 1 (one more healing run) and equals an uninterrupted run
+    prune.main(params, None)
+    assert len(calls) == 3
+    resumed = read_json("data/models/pruned/shear.json")
+    resumed_weights = AutoModelForCausalLM.from_pretrained("data/models/pruned").state_dict()
+    shutil.rmtree("data/checkpoints/prune")
+    monkeypatch.setattr(prune_depth, "train", real_train)
+    prune.main(params, None)
+    info = read_json("data/models/pruned/shear.json")
+    for a, b in zip(resumed["removal_steps"], info["removal_steps"]):
+        a["heal"].pop("train_s"), b["heal"].pop("train_s")
+    assert resumed == info
+    pruned = AutoModelForCausalLM.from_pretrained("data/models/pruned")
+    for name, tensor in pruned.state_dict().items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+
+    steps = info["removal_steps"]
+    assert info["rounds"] == 2 and info["heal_tokens"] == 320 and info["blocks_per_round"] == 1
+    assert [s["heal"]["tokens"] for s in steps] == [192, 128] and all(s["heal"]["method"] == method for s in steps)
+    # original indices: round 2 chose among the blocks round 1 left, numbered as in the base model
+    assert info["removed_blocks"] == steps[0]["removed"] + steps[1]["removed"]
+    assert steps[1]["blocks"] == [b for b in range(4) if b not in steps[0]["removed"]]
+    assert steps[1]["removed"][0] in steps[1]["blocks"]
+    # round 1 chose from the base model's scores; round 2 scored the healed model, not the plain one
+    assert steps[0]["scores"] == plain["removal_steps"][0]["scores"]
+    if steps[0]["removed"] == plain["removal_steps"][0]["removed"]:
+        assert steps[1]["scores"] != plain["removal_steps"][1]["scores"]
+
+    # a plain checkpoint (LoRA merged) whose surviving blocks were trained
+    assert pruned.config.num_hidden_layers == 2 and not any("lora" in k for k in pruned.state_dict())
+    kept = [b for b in range(4) if b not in info["removed_blocks"]]
+    for j, b in enumerate(kept):
+        assert not torch.equal(pruned.model.layers[j].mlp.down_proj.weight, model.model.layers[b].mlp.down_proj.weight)
+
+
+def test_sleb_with_healing_re_scores_by_ppl(tmp_path, monkeypatch, tiny, shards):
+    """SLEB's step is the ppl criterion on the current model: with healing, sleb and ppl prune alike."""
+    from stages import prune, score
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    params = stage_params(mode="iterative", ratio=None, num_blocks=2, heal_tokens=256)
+    params.score.block_criteria = ["ppl", "sleb"]
+    params.retrain.method, params.retrain.batch_size, params.retrain.seq_len = "cpt", 2, 32
+    params.mixture.eval_sequences = 1
+    score.main(params, None)
+    runs = {}
+    for criterion in ("sleb", "ppl"):
+        params.prune.depth.criterion = criterion
+        prune.main(params, None)
+        info = read_json("data/models/pruned/shear.json")
+        for step in info["removal_steps"]:
+            step["heal"].pop("train_s")
+        runs[criterion] = info
+    assert runs["sleb"]["removal_steps"] == runs["ppl"]["removal_steps"]
+    assert runs["sleb"]["removed_blocks"] == runs["ppl"]["removed_blocks"]
+
+def test_healing_budget_below_one_step_per_round_is_refused(tmp_path, monkeypatch, tiny, shards):
+    from stages import prune
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    save_model(model, tok, "data/models/base", {"method": "base", "source": "tiny:"})
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    (tmp_path / "reports" / "scores").mkdir(parents=True)
+    (tmp_path / "reports" / "scores" / "block_ppl.json").write_text(json.dumps({"scores": [1.0, 2, 3, 4]}))
+    params = stage_params(criterion="ppl", mode="iterative", ratio=None, num_blocks=2, heal_tokens=1100)
+    params.retrain.batch_size, params.retrain.seq_len = 2, 512
+    with pytest.raises(ShearError) as e:
+        prune.main(params, None)
+    assert str(e.value) == ("params.yaml: prune.depth.heal_tokens=1100 pays for 1 retrain steps of 1024 tokens "
+                            "(retrain.batch_size x seq_len x grad_accum), fewer than the 2 rounds; set "
+                            "prune.depth.heal_tokens >= 2048 or 0")
+    assert not (tmp_path / "data" / "models" / "pruned").exists()
+
+
+def test_healing_reads_other_rows_than_the_retraining_after_it(tmp_path, monkeypatch, tiny, shards):
+    from shear.data import load_domains
+    from shear.mixture import build_sampler
+    from stages.prune_depth import healing
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shards").symlink_to(shards)
+    params = stage_params(mode="iterative", heal_tokens=1024)
+    params.retrain.batch_size, params.retrain.seq_len, params.mixture.eval_sequences = 4, 32, 1
+    _, heal_sampler = healing(params, model, tok, rounds=2)
+    retrain_sampler = build_sampler("fixed", load_domains(shards, "train", tok), 32, params.run.seed)
+    healed_rows = {tuple(r.tolist()) for _ in range(4) for r in heal_sampler.next_batch(4)[0]}
+    retrain_rows = {tuple(r.tolist()) for _ in range(4) for r in retrain_sampler.next_batch(4)[0]}
+    assert not healed_rows & retrain_rows
+
+@pytest.mark.parametrize("depth, retrain, message", [
+    ({"heal_tokens": 4096}, {}, "prune.depth.heal_tokens=4096 and prune.depth.blocks_per_round=1 need "
+                                "prune.depth.mode=iterative"),
+    ({"mode": "iterative", "heal_tokens": 4096}, {"method": "none"},
+     "prune.depth.heal_tokens=4096 heals with retrain.method, which is none; set retrain.method to lora or cpt"),
+])
+def test_bad_rounds_are_refused(depth, retrain, message):
+    from shear.config import parse_params
+
+    raw = {"prune": {"depth": depth}, "retrain": retrain}
+    with pytest.raises(ShearError, match=message):
+        parse_params(raw)
+    parse_params({**raw, "prune": {"method": "width", "depth": depth}})  # inert unless prune.method is depth
+
+
+def test_prune_settings_declare_healing_keys():
+    from shear.config import parse_params, prune_settings
+
+    plain = prune_settings(parse_params({"prune": {"depth": {"mode": "iterative"}}}))
+    healed = prune_settings(parse_params({"prune": {"depth": {"mode": "iterative", "heal_tokens": 4096}}}))
+    assert "retrain" not in plain and "prune.depth" in plain
+    assert {"retrain", "data.domain_weights", "mixture.eval_sequences"} <= set(healed)
 
 def test_removing_blocks_keeps_each_blocks_attention_type(tmp_path):
     """Gemma 3's local (sliding) and global layers: the survivors keep their own type, in the

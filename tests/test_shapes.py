@@ -173,3 +173,40 @@ def test_budget_counts_biases():
         resolve_target(config, {"params": counted + 1}, align=1)
     shape = resolve_target(config, {"params": counted - 1}, align=1)
     assert shape_parameters(shape, 0, True, layout(config))["non_embedding"] <= counted - 1
+
+
+LLAMA2_7B = (32, 4096, 32, 32, 11008, 32000, False)
+SHEARED_LLAMA = {  # the paper's targets cut from LLaMA-2-7B: (layers, hidden, heads, MLP)
+    "1.3b": (24, 2048, 16, 5504),
+    "2.7b": (32, 2560, 20, 6912),
+}
+
+
+def sheared_llama_shape(name):
+    layers, hidden, heads, mlp = SHEARED_LLAMA[name]
+    return {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+            "num_key_value_heads": heads, "intermediate_size": mlp, "head_dim": 128}
+
+
+@pytest.mark.parametrize("name,tp_divisible", [("1.3b", 8), ("2.7b", 4)])
+def test_budget_with_the_papers_depth_gives_sheared_llama_shapes(name, tp_divisible):
+    config = llama_config(*LLAMA2_7B)
+    paper = sheared_llama_shape(name)
+    budget = shape_parameters(paper, 0, True)["non_embedding"]
+    shape = resolve_target(config, {"params": budget, "num_hidden_layers": paper["num_hidden_layers"]},
+                           align=64, tp_divisible=tp_divisible)
+    assert shape == paper
+
+
+def test_budget_alone_shrinks_depth_like_width_unlike_the_paper():
+    # What the module docstring says: the planner keeps the source's aspect ratios, so the
+    # 1.3B budget alone gives a shallower, wider model than the paper's hand-picked shape.
+    config = llama_config(*LLAMA2_7B)
+    paper = sheared_llama_shape("1.3b")
+    shape = resolve_target(config, {"params": shape_parameters(paper, 0, True)["non_embedding"]},
+                           align=64, tp_divisible=1)
+    assert shape != paper
+    depth = shape["num_hidden_layers"] / 32
+    width = [shape[k] / s for k, s in (("hidden_size", 4096), ("num_attention_heads", 32),
+                                      ("intermediate_size", 11008))]
+    assert all(abs(depth - w) < 0.05 for w in width), (depth, width)

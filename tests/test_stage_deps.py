@@ -218,7 +218,7 @@ def declared_params(name: str, stage: dict) -> set[str]:
 
     declared = {k for entry in stage.get("params", []) for k in ([entry] if isinstance(entry, str) else [])}
     if name in STAGE_SETTINGS:
-        for override in ({"prune": {"method": "depth", "depth": {"mode": "iterative"}}},
+        for override in ({"prune": {"method": "depth", "depth": {"mode": "iterative", "heal_tokens": 65536}}},
                          {"prune": {"method": "width"}}, {"prune": {"method": "sheared"}}):
             settings = STAGE_SETTINGS[name](parse_params(override))
             declared |= set(settings) | ({"data.mixture", "prune.method"} if "mixture_kind" in settings else set())

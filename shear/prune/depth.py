@@ -2,14 +2,14 @@
 
 How many blocks (`blocks_to_remove`), which ones may go (`protected_blocks`,
 `check_protected`), which ones do go (`select_blocks` one-shot from a scores record,
-`prune_iterative` one at a time with re-scoring), and the surgery itself
+`prune_iterative` in rounds with re-scoring and optional healing), and the surgery itself
 (`remove_blocks`, or `blocks_removed` to try a removal and undo it).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -142,25 +142,43 @@ def select_blocks(record: dict, n: int, protected=()) -> list[int]:
     return lowest(record["scores"], n, protected)
 
 
-def prune_iterative(model, n: int, first_scores: list[float],
-                    score_fn: Callable[[object, int], list[float]], protected=()) -> tuple[list[int], list[dict]]:
-    """Remove `n` blocks one at a time, re-scoring after each removal.
+def prune_iterative(model, n: int, first_scores: list[float], score_fn: Callable[[object, int], list[float]],
+                    protected=(), per_round: int = 1,
+                    heal: Callable[[object, int], tuple[object, dict]] | None = None,
+                    done: Sequence[dict] = (), on_round: Callable[[object, list[dict]], None] | None = None,
+                    ) -> tuple[object, list[int], list[dict]]:
+    """Remove `n` blocks in rounds of `per_round`, re-scoring (and healing) between rounds.
 
-    `first_scores` rank the blocks of the unpruned model; after each removal
-    `score_fn(model, blocks_still_to_remove)` scores the blocks of the current, smaller
-    model. `protected` holds original block indices that are never removed. Returns the
-    original indices in removal order and, per step, the scores it chose from.
+    `first_scores` rank the blocks of the unpruned model; before every later round
+    `score_fn(model, blocks_still_to_remove)` scores the blocks of the current, smaller (and
+    healed) model. `heal(model, round)`, when given, trains the model after each round's
+    removal and returns (the healed model, a summary for the record): prune-and-heal as
+    Minitron advises beyond a third of the model. `protected` holds original block indices
+    that are never removed. `done` continues a run from the round records it returned so far
+    (`model` is then the model after them); `on_round(model, records)` is called after each
+    round, e.g. to checkpoint. Returns the model, the original indices in removal order and,
+    per round, the blocks it chose from (original indices), their scores, the blocks it
+    removed and the healing summary.
     """
-    original = list(range(model.config.num_hidden_layers))  # original index of each current block
+    rounds = list(done)
+    removed = [b for r in rounds for b in r["removed"]]
+    # the original index of each current block
+    original = ([b for b in rounds[-1]["blocks"] if b not in rounds[-1]["removed"]] if rounds
+                else list(range(model.config.num_hidden_layers)))
     protected = set(protected)
-    removed, steps = [], []
-    scores = first_scores
-    for step in tqdm(range(n), desc="iterative pruning", unit="block"):
-        if step > 0:
-            scores = score_fn(model, n - step)
+    total = math.ceil(n / per_round)
+    for r in tqdm(range(len(rounds), total), desc="iterative pruning", unit="round", initial=len(rounds), total=total):
+        scores = first_scores if r == 0 else score_fn(model, n - len(removed))
         candidates = [k for k, b in enumerate(original) if b not in protected]
-        k = min(candidates, key=lambda k: (scores[k], k))
-        steps.append({"blocks": list(original), "scores": [float(s) for s in scores], "removed": original[k]})
-        removed.append(original.pop(k))
-        remove_blocks(model, [k])
-    return removed, steps
+        chosen = sorted(candidates, key=lambda k: (scores[k], k))[:min(per_round, n - len(removed))]
+        record = {"blocks": list(original), "scores": [float(s) for s in scores],
+                  "removed": [original[k] for k in chosen]}
+        removed += record["removed"]
+        remove_blocks(model, chosen)
+        original = [b for k, b in enumerate(original) if k not in chosen]
+        if heal is not None:
+            model, record["heal"] = heal(model, r)
+        rounds.append(record)
+        if on_round is not None:
+            on_round(model, rounds)
+    return model, removed, rounds

@@ -18,11 +18,16 @@ Mask types, following the reference code (princeton-nlp/LLM-Shearing, pruning mo
 
 GQA (our addition; the paper prunes multi-head LLaMA-2): query head h belongs to KV group
 h // g with g = H / K. The target keeps g' = H' / K' query heads in each of K' groups.
-The `head` mask learns which query heads survive inside a group (target fraction g'/g);
-when K' < K a `kv_head` mask learns which whole groups survive (target fraction K'/K).
-The final selection keeps the K' best groups and the g' best heads inside each, so the
-pruned model always has H' % K' == 0. A multi-head model (g = 1) needs no `kv_head` mask:
-each head is its own group and the `head` mask keeps the H' best heads of a layer.
+The `head` mask learns which query heads survive inside a group, and its constraint is
+per group: each KV group's expected kept heads is pushed to g' (expected sparsity
+1 - g'/g in every group), so the training objective has no reason to move heads from one
+group to another, which the cut could not honour. When K' < K a `kv_head` mask learns
+which whole groups survive (expected sparsity 1 - K'/K per layer); the `head` mask then
+says which heads a group keeps if it survives. The cut keeps the K' best groups and, in
+each, the g' heads with the highest scores, so the pruned model always has H' % K' == 0
+and the heads it keeps are the ones training kept. A multi-head model (g = 1) needs no
+`kv_head` mask: the whole layer is one selection group, its constraint the paper's
+per-layer one, and the cut keeps the H' best heads of a layer.
 """
 from __future__ import annotations
 
@@ -51,13 +56,19 @@ MASK_TYPES = ("layer", "head", "kv_head", "mlp", "hidden")
 
 
 class HardConcrete(nn.Module):
-    """Hard-concrete masks of one type: log-alpha of shape [rows, n] (or [n]), one mask per unit."""
+    """Hard-concrete masks of one type: log-alpha of shape [rows, n] (or [n]), one mask per unit.
 
-    def __init__(self, shape: tuple[int, ...], temperature: float, generator: torch.Generator):
+    Units are constrained and selected in groups of `group_size` consecutive units of a row
+    (the whole row by default; the query heads of one KV group for GQA head masks).
+    """
+
+    def __init__(self, shape: tuple[int, ...], temperature: float, generator: torch.Generator,
+                 group_size: int | None = None):
         super().__init__()
         init = INIT_LOG_ALPHA + INIT_NOISE * torch.randn(shape, generator=generator)
         self.log_alpha = nn.Parameter(init)
         self.temperature = temperature
+        self.group_size = group_size or shape[-1]
 
     def constrain(self) -> None:
         """Clamp log-alpha into the reference's range (done before every use, as it does)."""
@@ -79,9 +90,13 @@ class HardConcrete(nn.Module):
         cdf0 = torch.sigmoid(math.log(x / (1 - x)) * self.temperature - self.log_alpha)
         return 1 - cdf0.clamp(EPSILON, 1 - EPSILON)
 
+    def grouped(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-unit values [..., n] viewed as [..., n / group_size, group_size]: one row per selection group."""
+        return values.unflatten(-1, (-1, self.group_size))
+
     def expected_sparsity(self) -> torch.Tensor:
-        """Expected fraction of pruned units, per row (a scalar for a 1-D mask)."""
-        return 1 - self.expected_score().mean(-1)
+        """Expected fraction of pruned units per selection group: [rows, groups], or [1] for a 1-D mask."""
+        return 1 - self.grouped(self.expected_score()).mean(-1)
 
     def score(self) -> torch.Tensor:
         """Deterministic mask value of a kept unit (the reference's soft mask)."""
@@ -139,8 +154,9 @@ class L0Masks(nn.Module):
         # Query heads kept per selection group: g' per KV group, or H' per layer when g == 1.
         self.keep["head"] = (self.target["num_attention_heads"] // self.target["num_key_value_heads"]
                              if self.group > 1 else self.target["num_attention_heads"])
+        group_size = {"head": self.group if self.group > 1 else H}
         generator = torch.Generator().manual_seed(seed)
-        self.masks = nn.ModuleDict({name: HardConcrete(shapes[name], temperature, generator)
+        self.masks = nn.ModuleDict({name: HardConcrete(shapes[name], temperature, generator, group_size.get(name))
                                     for name in MASK_TYPES if name in shapes})
         self.lambdas = nn.ParameterDict({f"{name}_{i}": nn.Parameter(torch.zeros(()))
                                          for name in self.masks for i in (1, 2)})
@@ -157,20 +173,21 @@ class L0Masks(nn.Module):
         return {name: mask.sample(generator) for name, mask in self.masks.items()}
 
     def target_sparsity(self, progress: float = 1.0) -> dict[str, float]:
-        """Fraction of units each mask type must prune (1 - kept / total per row), times `progress`.
+        """Fraction of units each mask type must prune (1 - kept / total per selection group), times `progress`.
 
         `progress` in [0, 1] is the Lagrangian warm-up: the target ramps linearly from 0.
         """
-        out = {}
-        for name, mask in self.masks.items():
-            n = mask.log_alpha.shape[-1] if name != "head" or self.group == 1 else self.group
-            out[name] = (1 - self.keep[name] / n) * progress
-        return out
+        return {name: (1 - self.keep[name] / mask.group_size) * progress for name, mask in self.masks.items()}
 
     def lagrangian(self, progress: float) -> torch.Tensor:
-        """Sum over mask types of lambda1 (s - t) + lambda2 (s - t)^2, averaged over layers.
+        """Sum over mask types of lambda1 (s - t) + lambda2 (s - t)^2, averaged over selection groups.
 
-        s is the expected sparsity of the mask type, t its (warmed-up) target sparsity.
+        s is the expected sparsity of a selection group (a layer's row, or one KV group's query
+        heads under GQA), t its (warmed-up) target sparsity: the reference's per-layer
+        constraint, made per KV group so that training aims at the shape the cut produces.
+        The multipliers stay one pair per mask type, as in the paper: lambda1 weighs the mean
+        gap, and the quadratic term, whose lambda2 grows while any gap remains, evens out the
+        groups (as it evens out the paper's layers).
         """
         total = 0.0
         for name, t in self.target_sparsity(progress).items():
@@ -187,29 +204,19 @@ class L0Masks(nn.Module):
     def deterministic(self, exact: bool) -> dict[str, torch.Tensor]:
         """Deterministic mask values: the soft score of kept units, 0 for pruned ones.
 
-        exact=True keeps the target count of each type (GQA groups respected: the K' best
-        KV groups and the g' best query heads inside each). exact=False keeps, per row, the
+        Units are chosen per selection group (a row; one KV group's query heads under GQA) by
+        their score. exact=True keeps the target count of each type (the K' best KV groups and
+        the g' best query heads inside each). exact=False keeps, per selection group, the
         rounded expected L0: the model as it currently stands (used for held-out losses).
         """
         with torch.no_grad():
             out = {}
             for name, mask in self.masks.items():
                 scores = mask.score()
-                if exact and name == "head":
-                    keep = self._head_selection(scores)
-                elif exact:
-                    keep = top_k_mask(scores, self.keep[name])
-                else:
-                    keep = top_k_mask(scores, mask.expected_score().sum(-1).round().long())
+                count = self.keep[name] if exact else mask.grouped(mask.expected_score()).sum(-1).round().long()
+                keep = top_k_mask(mask.grouped(scores), count).flatten(-2)
                 out[name] = torch.where(keep, scores, torch.zeros_like(scores))
             return out
-
-    def _head_selection(self, head_scores: torch.Tensor) -> torch.Tensor:
-        """Kept query heads [L, H]: the best g' heads in each KV group, or the best H' heads if g == 1."""
-        L, H = head_scores.shape
-        if self.group == 1:
-            return top_k_mask(head_scores, self.keep["head"])
-        return top_k_mask(head_scores.view(L, H // self.group, self.group), self.keep["head"]).view(L, H)
 
     def kept_units(self, z: dict[str, torch.Tensor]) -> dict:
         """Indices of the units kept by exact deterministic masks, in `slice_model`'s `keep` format."""

@@ -15,8 +15,15 @@ Validity (what transformers can build and what GQA slicing can produce):
 
 The planner turns a non-embedding parameter budget into a shape that keeps the source's
 aspect ratios: layers, hidden size, heads, KV heads and MLP width all shrink by about the
-same factor, as in Sheared-LLaMA's 1.3B (24 layers / 2048 / 16 heads / 5504) and 2.7B
-(32 / 2560 / 20 / 6912) shapes cut from LLaMA-2-7B (32 / 4096 / 32 / 11008).
+same factor. A budget alone does not give Sheared-LLaMA's shapes: the paper's 1.3B
+(24 layers / 2048 / 16 heads / 5504) and 2.7B (32 / 2560 / 20 / 6912) targets cut from
+LLaMA-2-7B (32 / 4096 / 32 / 11008) were chosen by hand and keep more depth than width
+(3/4 of the layers at 1/2 of the width; every layer at 5/8 of it), so for the 1.3B
+budget the planner picks 19 / 2304 / 18 / 6144 (tp_divisible 1). Hold the paper's depth
+fixed alongside the budget (`params` with `num_hidden_layers: 24`, or
+`num_hidden_layers: 32` with `tp_divisible` at most 4, as 20 heads do not split over 8
+devices) and the planner, shrinking the width dimensions alike, gives both paper shapes
+exactly (tests/test_shapes.py checks it).
 """
 from __future__ import annotations
 
@@ -243,7 +250,8 @@ def plan_shape(src: dict, budget: int, align: int = 1, fixed: dict | None = None
     the budget within the tolerance: GPU matmul kernels work in tiles (e.g. 64 or 128 wide),
     so a dimension that is not a multiple of the tile pads the last tile with wasted work and
     can make a smaller model run slower than a larger aligned one. The planner then halves the
-    alignment (align/2, ..., 1) until a shape fits. Keys in `fixed` are held at their values.
+    alignment (align/2, ..., 1) until a shape fits. Keys in `fixed` are held at their values
+    (fixing `num_hidden_layers` at the paper's depth gives Sheared-LLaMA's shapes; see above).
     """
     fixed = dict(fixed or {})
     free = [k for k in TARGET_KEYS if k not in fixed]

@@ -1,0 +1,422 @@
+"""Which pruning recipe keeps the most model per retraining token: queued DVC experiments and their table.
+
+    python -m shear.recipes plan      # the rows, their params and whether each is done
+    python -m shear.recipes run       # queue every row that is ready, run 2 at a time, repeat; then `table`
+    python -m shear.recipes table     # reports/recipes.md from `dvc exp show --json`
+    make recipes                      # = run
+
+Every row is one DVC experiment of the default pipeline up to `evaluate@retrained`, named
+`rcp-<row>`, with the params it overrides (`dvc exp run -S key=value`): the same retraining
+budget (RECIPE_TOKENS) for every row, healing tokens of iterative pruning included. Rows come
+in phases, because later ones use the winners of earlier ones:
+
+1. seeds: the Shortened LLaMA recipes (Kim et al., 2024) at 20% and 35% of blocks: ppl + LoRA,
+   taylor+ + LoRA (v1), ppl + CPT (v2); other block criteria with CPT: bi, sleb;
+2. beyond (the best CPT criterion of phase 1): CPT + pure logit distillation (w = 1), + hidden-
+   state distillation (Minitron), iterative prune-and-heal at the same total tokens;
+3. half the non-embedding parameters: depth (the best criterion), width and sheared, each with
+   the best retraining of phases 1-2;
+4. a second seed (`run.seed: 1`) of the strongest seed recipe and of the best recipe at 20%.
+
+The table reports, per row, the mean over the domains of log(PPL / base PPL) at each evaluated
+length (the log-ratio; lower is better, 0 = the base model), the two offline task accuracies
+with their standard errors, the token budget, the seed and the run time. `run` sets
+OMP_NUM_THREADS=1 for the DVC queue workers: one thread per experiment, two at once on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shear.compare import exp_show, find_dvc_root
+from shear.errors import ShearError
+from shear.io import atomic_file
+from shear.records import EvalMetrics, flatten
+from shear.report import markdown_table
+
+RECIPE_TOKENS = 65_536       # retraining tokens of every row (the default retrain.tokens)
+RATIOS = {"20": 0.2, "35": 0.35}
+EXP_PREFIX = "rcp-"
+TARGET = "evaluate@retrained"  # what a row runs: no speed, export or report
+BASE_EVAL = "reports/eval/base/metrics.json"
+RETRAINED_EVAL = "reports/eval/retrained/metrics.json"
+TRAIN_METRICS = ("reports/train/prune/metrics.json", "reports/train/retrain/metrics.json")
+SEED_RECIPE = "ppl+-cpt"       # Shortened LLaMA v2: the strongest seed recipe (the target's reference)
+# block criteria compared under CPT; ppl+ is the paper's PPL (first 4 / last 2 blocks protected, as the
+# released Shortened LLaMA models were made), bi (ShortGPT) and sleb (SLEB) as their papers: unprotected
+PHASE1_CRITERIA = ("ppl+", "bi", "sleb")
+# score.block_criteria when a row prunes with sleb (it is not in the default list: ~6x ppl's cost)
+SCORE_WITH_SLEB = ["ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "random", "sleb"]
+HEAL_FRACTION = 0.25           # iterative rows spend a quarter of the budget healing between removals
+HIDDEN_DISTILL_WEIGHT = 1.0    # hidden-state distillation weight beside the logit KL (Minitron: equal weights)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One row: an experiment name, what it is, and the params it sets."""
+
+    row: str                   # short id, e.g. "ppl-lora-20"; the experiment is EXP_PREFIX + row
+    title: str                 # what a reader sees, e.g. "ppl + LoRA (Shortened LLaMA v1)"
+    phase: int
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def exp_name(self) -> str:
+        return EXP_PREFIX + self.row
+
+    def set_args(self) -> list[str]:
+        """The `-S key=value` arguments of `dvc exp run` (values as YAML/JSON)."""
+        args = []
+        for key, value in self.overrides.items():
+            args += ["-S", f"{key}={json.dumps(value)}"]
+        return args
+
+
+@dataclass
+class RowResult:
+    """A finished (or failed) row read from `dvc exp show --json`."""
+
+    state: str                 # success | failed | queued | running
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the rows
+
+
+def depth(criterion: str, ratio: float, retraining: dict) -> dict:
+    """Overrides of one depth-pruning row."""
+    out = {"prune.method": "depth", "prune.depth.criterion": criterion, "prune.depth.ratio": ratio,
+           "prune.depth.mode": "one_shot", "prune.depth.heal_tokens": 0, "retrain.tokens": RECIPE_TOKENS,
+           **retraining}
+    if criterion == "sleb":
+        out["score.block_criteria"] = SCORE_WITH_SLEB
+    return out
+
+
+LORA = {"retrain.method": "lora"}
+CPT = {"retrain.method": "cpt"}
+KD = {"retrain.method": "cpt", "retrain.distill": 1.0}
+KD_HIDDEN = {**KD, "retrain.distill_hidden": HIDDEN_DISTILL_WEIGHT}
+RETRAININGS = {"cpt": ("CPT", CPT), "kd": ("CPT + KD (w = 1)", KD), "kdh": ("CPT + KD + hidden-state KD", KD_HIDDEN)}
+
+
+def phase1() -> list[Recipe]:
+    """The seeds' recipes and the other criteria under CPT, at 20% and 35% of blocks."""
+    rows = []
+    for pct, ratio in RATIOS.items():
+        rows += [Recipe(f"ppl+-lora-{pct}", f"ppl+ + LoRA, {pct}% (Shortened LLaMA v1)", 1, depth("ppl+", ratio, LORA)),
+                 Recipe(f"taylor+-lora-{pct}", f"taylor+ + LoRA, {pct}% (Shortened LLaMA v1)", 1,
+                        depth("taylor+", ratio, LORA)),
+                 Recipe(f"ppl+-cpt-{pct}", f"ppl+ + CPT, {pct}% (Shortened LLaMA v2)", 1, depth("ppl+", ratio, CPT))]
+        rows += [Recipe(f"{c}-cpt-{pct}", f"{c} + CPT, {pct}%", 1, depth(c, ratio, CPT))
+                 for c in PHASE1_CRITERIA if c != "ppl+"]
+    return rows
+
+
+def phase2(criterion: str) -> list[Recipe]:
+    """Beyond the seeds with the best CPT criterion: pure KD, hidden-state KD, iterative prune-and-heal."""
+    rows = []
+    heal = int(RECIPE_TOKENS * HEAL_FRACTION)
+    for pct, ratio in RATIOS.items():
+        rows += [Recipe(f"{criterion}-kd-{pct}", f"{criterion} + CPT + KD (w = 1), {pct}%", 2,
+                        depth(criterion, ratio, KD)),
+                 Recipe(f"{criterion}-kdh-{pct}", f"{criterion} + CPT + KD + hidden-state KD, {pct}%", 2,
+                        depth(criterion, ratio, KD_HIDDEN)),
+                 Recipe(f"{criterion}-iter-{pct}", f"{criterion} iterative prune-and-heal + CPT, {pct}%", 2,
+                        {**depth(criterion, ratio, CPT), "prune.depth.mode": "iterative",  # one block a round
+                         "prune.depth.heal_tokens": heal, "retrain.tokens": RECIPE_TOKENS - heal})]
+    return rows
+
+
+def phase3(criterion: str, retraining: str, half_params: int) -> list[Recipe]:
+    """Half the non-embedding parameters: depth, width and sheared, each with the best retraining."""
+    label, settings = RETRAININGS[retraining]
+    target = {"prune.target.params": half_params}
+    return [
+        Recipe(f"half-depth-{retraining}", f"half size: depth ({criterion}) + {label}", 3,
+               depth(criterion, 0.5, settings)),
+        Recipe(f"half-width-{retraining}", f"half size: width (activation) + {label}", 3,
+               {"prune.method": "width", **target, "retrain.tokens": RECIPE_TOKENS, **settings}),
+        Recipe(f"half-sheared-{retraining}", f"half size: sheared + {label}", 3,
+               {"prune.method": "sheared", **target, "retrain.tokens": RECIPE_TOKENS, **settings}),
+    ]
+
+
+def phase4(best: Recipe) -> list[Recipe]:
+    """A second seed of the strongest seed recipe and of the best recipe, at 20%."""
+    seed_row = next(r for r in phase1() if r.row == f"{SEED_RECIPE}-20")
+    twins = [seed_row] + ([best] if best.row != seed_row.row else [])
+    return [Recipe(f"{r.row}-seed1", f"{r.title}, seed 1", 4, {**r.overrides, "run.seed": 1}) for r in twins]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def log_ratio(row: EvalMetrics, base: EvalMetrics, seq_len: str) -> float | None:
+    """Mean over the domains of log(PPL_row / PPL_base) at `seq_len`: the mean of per-domain loss differences."""
+    a, b = row.loss.get(seq_len, {}), base.loss.get(seq_len, {})
+    domains = [d for d in b if d != "mean" and d in a]
+    if not domains:
+        return None
+    return sum(a[d] - b[d] for d in domains) / len(domains)
+
+
+def results(exp_json: list) -> dict[str, RowResult]:
+    """{experiment name: RowResult} of every `rcp-` experiment; the newest wins when a name repeats."""
+    found: dict[str, tuple[str, RowResult]] = {}
+    for entry in exp_json:
+        for exp in entry.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state") or "success"
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name") or ""
+                if not name.startswith(EXP_PREFIX):
+                    continue
+                data = rev.get("data") or {}
+                params = {}
+                for path, p in (data.get("params") or {}).items():
+                    if path == "params.yaml":
+                        params = flatten(p.get("data") or {})
+                metrics = {path: m["data"] for path, m in (data.get("metrics") or {}).items() if "data" in m}
+                if rev.get("error"):
+                    state = "failed"
+                stamp = data.get("timestamp") or ""
+                if name not in found or stamp >= found[name][0]:
+                    found[name] = (stamp, RowResult(state, params, metrics))
+    return {name: result for name, (_, result) in found.items()}
+
+
+def row_numbers(result: RowResult) -> dict | None:
+    """The table's numbers of one finished row, or None when its metrics are missing."""
+    if result.state != "success" or RETRAINED_EVAL not in result.metrics or BASE_EVAL not in result.metrics:
+        return None
+    row = EvalMetrics.from_dict(result.metrics[RETRAINED_EVAL], RETRAINED_EVAL)
+    base = EvalMetrics.from_dict(result.metrics[BASE_EVAL], BASE_EVAL)
+    wall = row.info.get("wall_s") or 0.0
+    for path in TRAIN_METRICS:
+        wall += flatten(result.metrics.get(path) or {}).get("wall_s") or 0.0
+    p = result.params
+    return {
+        "log_ratio": {length: log_ratio(row, base, length) for length in row.loss},
+        "tasks": {name: (t.get("acc"), t.get("acc_stderr")) for name, t in row.tasks.items()},
+        "non_embedding": row.params.non_embedding,
+        "base_non_embedding": base.params.non_embedding,
+        "tokens": (p.get("retrain.tokens") or 0) + (p.get("prune.depth.heal_tokens") or 0
+                                                    if p.get("prune.depth.mode") == "iterative" else 0),
+        "pruning_tokens": p.get("prune.sheared.tokens") if p.get("prune.method") == "sheared" else 0,
+        "seed": p.get("run.seed"),
+        "wall_s": wall,
+    }
+
+
+def mean_log_ratio(numbers: dict | None, seq_len: str = "128") -> float | None:
+    """The row's log-ratio at `seq_len` (None when not finished)."""
+    return None if numbers is None else numbers["log_ratio"].get(seq_len)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def best_of(rows: list[Recipe], done: dict[str, dict | None]) -> Recipe | None:
+    """The row with the lowest log-ratio at 128 tokens, once every one of `rows` has finished."""
+    scores = [(mean_log_ratio(done.get(r.exp_name)), r) for r in rows]
+    if not scores or any(s is None for s, _ in scores):
+        return None
+    return min(scores, key=lambda sr: sr[0])[1]
+
+
+def best_criterion(done: dict[str, dict | None]) -> str | None:
+    """The CPT criterion of phase 1 with the lowest log-ratio summed over 20% and 35%, once all have finished."""
+    totals = {}
+    for c in PHASE1_CRITERIA:
+        values = [mean_log_ratio(done.get(f"{EXP_PREFIX}{c}-cpt-{pct}")) for pct in RATIOS]
+        if any(v is None for v in values):
+            return None
+        totals[c] = sum(values)
+    return min(totals, key=totals.get)
+
+
+def best_retraining(criterion: str, done: dict[str, dict | None]) -> str | None:
+    """The key of RETRAININGS whose `criterion` rows have the lowest log-ratio summed over 20% and 35%."""
+    totals = {}
+    for key in RETRAININGS:
+        values = [mean_log_ratio(done.get(f"{EXP_PREFIX}{criterion}-{key}-{pct}")) for pct in RATIOS]
+        if any(v is None for v in values):
+            return None
+        totals[key] = sum(values)
+    return min(totals, key=totals.get)
+
+
+def plan(done: dict[str, dict | None], half_params: int | None) -> list[Recipe]:
+    """Every row whose settings are known given the finished rows `done` ({exp name: numbers or None})."""
+    rows = phase1()
+    criterion = best_criterion(done)
+    if criterion is None:
+        return rows
+    rows += phase2(criterion)
+    retraining = best_retraining(criterion, done)
+    if retraining is None or half_params is None:
+        return rows
+    rows += phase3(criterion, retraining, half_params)
+    best = best_of([r for r in rows if r.phase in (1, 2) and r.row.endswith("-20")], done)
+    if best is not None:
+        rows += phase4(best)
+    return rows
+
+
+def collect(root: Path) -> tuple[dict[str, RowResult], dict[str, dict | None], int | None]:
+    """(all rcp- results, {exp name: numbers of finished rows}, half the base's non-embedding parameters)."""
+    found = results(exp_show(root))
+    done = {name: row_numbers(r) for name, r in found.items() if r.state == "success"}
+    base = next((n["base_non_embedding"] for n in done.values() if n), None)
+    return found, done, None if base is None else base // 2
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def render(rows: list[Recipe], done: dict[str, dict | None], found: dict[str, RowResult]) -> str:
+    """The markdown of reports/recipes.md."""
+    lengths = sorted({length for n in done.values() if n for length in n["log_ratio"]}, key=int) or ["128", "1024"]
+    tasks = sorted({t for n in done.values() if n for t in n["tasks"]})
+    header = (["row", "recipe"] + [f"log(PPL/base) @{length}" for length in lengths]
+              + [f"{t} acc" for t in tasks] + ["non-emb. params", "retrain tokens", "seed", "run time", "state"])
+    body = []
+    for r in rows:
+        n = done.get(r.exp_name)
+        state = found[r.exp_name].state if r.exp_name in found else "not run"
+        if n is None:
+            body.append([r.row, r.title] + ["—"] * (len(header) - 3) + [state])
+            continue
+        accs = [f"{acc:.2f} ± {err:.2f}" if acc is not None and err is not None else "—"
+                for acc, err in (n["tasks"].get(t, (None, None)) for t in tasks)]
+        tokens = f"{n['tokens']:,}" + (f" (+{n['pruning_tokens']:,} pruning)" if n["pruning_tokens"] else "")
+        body.append([r.row, r.title] + [_fmt(n["log_ratio"].get(length)) for length in lengths] + accs
+                    + [f"{n['non_embedding'] / 1e6:.1f}M", tokens, str(n["seed"]), f"{n['wall_s'] / 60:.0f} min", state])
+    lines = ["# Recipes: quality kept per retraining token (default model)", "",
+             f"Every row retrains on {RECIPE_TOKENS:,} tokens (iterative rows: healing tokens included); "
+             "log(PPL/base) is the mean over the domains of the log of the perplexity ratio to the unpruned "
+             "model (0 = no loss; lower is better); task accuracies with their standard errors over the "
+             "documents. Run time = evaluation + training wall time, one thread per experiment, two at "
+             "once on 2 cores. Built by `python -m shear.recipes table` from `dvc exp show --json`.", "",
+             markdown_table(header, body)]
+    lines += verdict(done)
+    return "\n".join(lines) + "\n"
+
+
+def spread(done: dict[str, dict | None], row: str, seq_len: str) -> float | None:
+    """|difference| of a row's log-ratio between seed 0 and seed 1, when both finished."""
+    a = mean_log_ratio(done.get(EXP_PREFIX + row), seq_len)
+    b = mean_log_ratio(done.get(EXP_PREFIX + row + "-seed1"), seq_len)
+    return None if a is None or b is None else abs(a - b)
+
+
+def verdict(done: dict[str, dict | None]) -> list[str]:
+    """The target's check: the best row vs ppl + CPT at 20% and 35%; sheared vs width at half size."""
+    out = ["", "## Target", ""]
+    for pct in RATIOS:
+        for seq_len in ("128", "1024"):
+            seed = mean_log_ratio(done.get(f"{EXP_PREFIX}{SEED_RECIPE}-{pct}"), seq_len)
+            mine = [(mean_log_ratio(n, seq_len), name) for name, n in done.items()
+                    if n and name.endswith(f"-{pct}") and not name.startswith(EXP_PREFIX + "half")]
+            mine = [(v, name) for v, name in mine if v is not None]
+            if seed is None or not mine:
+                out.append(f"- {pct}% @{seq_len}: not measured yet")
+                continue
+            value, name = min(mine)
+            gain = 1 - value / seed if seed > 0 else float("nan")
+            out.append(f"- {pct}% @{seq_len}: best {name.removeprefix(EXP_PREFIX)} {value:.3f} vs "
+                       f"{SEED_RECIPE} {seed:.3f}: {gain:+.1%} ({'met' if gain >= 0.10 else 'not met'}: target >= 10%)")
+    sheared = [n for name, n in done.items() if n and name.startswith(EXP_PREFIX + "half-sheared")]
+    width = [n for name, n in done.items() if n and name.startswith(EXP_PREFIX + "half-width")]
+    if sheared and width:
+        s, w = mean_log_ratio(sheared[0]), mean_log_ratio(width[0])
+        out.append(f"- half size @128: sheared {s:.3f} vs width {w:.3f}: {'met' if s < w else 'not met'}")
+    else:
+        out.append("- half size: not measured yet")
+    for row in (f"{SEED_RECIPE}-20",):
+        for seq_len in ("128", "1024"):
+            d = spread(done, row, seq_len)
+            if d is not None:
+                out.append(f"- seed spread of {row} @{seq_len}: {d:.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def queue(root: Path, rows: list[Recipe], found: dict[str, RowResult]) -> list[Recipe]:
+    """Queue the rows that have no experiment yet (failed ones are left for the user to look at)."""
+    queued = []
+    for r in rows:
+        if r.exp_name in found:
+            continue
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", r.exp_name, *r.set_args(), TARGET]
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ShearError(f"queueing {r.exp_name} failed: {last}")
+        queued.append(r)
+    return queued
+
+
+def run(root: Path, jobs: int, poll_s: float) -> None:
+    """Queue what is ready, run it `jobs` at a time with one thread each, and repeat until nothing is left."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while True:
+        found, done, half = collect(root)
+        new = queue(root, plan(done, half), found)
+        pending = [n for n, r in found.items() if r.state in ("queued", "running")] + [r.exp_name for r in new]
+        if not pending:
+            break
+        print(f"recipes: {len(new)} queued now, {len(pending)} pending; running {jobs} at a time", flush=True)
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, check=False)
+        while any(r.state in ("queued", "running") for r in results(exp_show(root)).values()):
+            time.sleep(poll_s)
+    table(root, Path("reports/recipes.md"))
+
+
+def table(root: Path, out: Path) -> str:
+    """Write the recipes table to `out` (relative to `root`) and return it."""
+    found, done, half = collect(root)
+    text = render(plan(done, half), done, found)
+    with atomic_file(root / out) as f:
+        f.write(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["plan", "run", "table"])
+    parser.add_argument("--jobs", type=int, default=2, help="experiments at a time (default 2, one thread each)")
+    parser.add_argument("--poll", type=float, default=60.0, help="seconds between queue checks (default 60)")
+    parser.add_argument("--out", type=Path, default=Path("reports/recipes.md"), help="the table (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        root = find_dvc_root(Path.cwd())
+        if args.command == "plan":
+            found, done, half = collect(root)
+            for r in plan(done, half):
+                state = found[r.exp_name].state if r.exp_name in found else "not run"
+                print(f"{r.exp_name:28s} phase {r.phase}  {state:8s}  {' '.join(r.set_args())}")
+        elif args.command == "run":
+            run(root, args.jobs, args.poll)
+        else:
+            print(table(root, args.out), end="")
+    except ShearError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

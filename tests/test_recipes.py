@@ -1,0 +1,107 @@
+"""shear.recipes: rows per phase, the winners that unlock later phases, the table and the target check."""
+import math
+
+from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, log_ratio, phase1, phase2, phase3, phase4, plan,
+                           render, results, row_numbers)
+from shear.records import EvalMetrics
+
+DOMAINS = ("books", "code")
+# every row a plan can hold when bi and kd win (for the params of the made-up experiments)
+KNOWN = {r.row: r for r in phase1() + phase2("bi") + phase3("bi", "kd", 500) + phase4(phase1()[0])}
+
+
+def metrics(loss_shift: float, non_embedding: int = 800) -> dict:
+    """An evaluate-stage metrics file whose per-domain losses are the base's plus `loss_shift`."""
+    base = {"books": 3.0, "code": 2.0}
+    loss = {length: {d: base[d] + loss_shift for d in DOMAINS} for length in ("128", "1024")}
+    for length in loss:
+        loss[length]["mean"] = sum(loss[length][d] for d in DOMAINS) / len(DOMAINS)
+    return {"params": {"total": non_embedding + 200, "non_embedding": non_embedding},
+            "ppl": {k: {d: math.exp(v) for d, v in ls.items()} for k, ls in loss.items()}, "loss": loss,
+            "ppl_protocol": {}, "tasks": {"shear_lastword": {"acc": 0.3, "acc_stderr": 0.05}},
+            "info": {"wall_s": 60.0}}
+
+
+def exp_show(rows: dict[str, float], states: dict[str, str] | None = None) -> list:
+    """A `dvc exp show --json`-shaped list: one baseline commit and one experiment per row."""
+    exps = []
+    for i, (row, shift) in enumerate(rows.items()):
+        recipe = KNOWN.get(row, Recipe(row, row, 1, {}))
+        params = {}
+        for key, value in {**recipe.overrides, "run.seed": recipe.overrides.get("run.seed", 0)}.items():
+            node = params
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        state = (states or {}).get(row)
+        exps.append({"name": EXP_PREFIX + row, "executor": {"state": state} if state else None,
+                     "revs": [{"rev": f"{i:040d}", "name": EXP_PREFIX + row, "error": None, "data": {
+                         "timestamp": f"2026-11-30T10:{i:02d}:00", "params": {"params.yaml": {"data": params}},
+                         "metrics": {} if state == "queued" else {
+                             "reports/eval/base/metrics.json": {"data": metrics(0.0, 1000)},
+                             "reports/eval/retrained/metrics.json": {"data": metrics(shift)},
+                             "reports/train/retrain/metrics.json": {"data": {"wall_s": 540.0}}}}}]})
+    return [{"rev": "workspace", "data": {}, "experiments": None}, {"rev": "a" * 40, "data": {}, "experiments": exps}]
+
+
+def test_log_ratio_is_the_mean_loss_difference():
+    row = EvalMetrics.from_dict(metrics(0.25), "row")
+    base = EvalMetrics.from_dict(metrics(0.0), "base")
+    assert abs(log_ratio(row, base, "128") - 0.25) < 1e-12
+    assert log_ratio(row, base, "2048") is None
+
+
+def test_phase1_has_the_seed_recipes_and_criteria_at_both_ratios():
+    rows = {r.row: r for r in phase1()}
+    for pct, ratio in RATIOS.items():
+        for name in ("ppl+-lora", "taylor+-lora", "ppl+-cpt", "bi-cpt", "sleb-cpt"):
+            r = rows[f"{name}-{pct}"]
+            assert r.overrides["prune.depth.ratio"] == ratio
+            assert r.overrides["retrain.tokens"] == RECIPE_TOKENS
+    assert "sleb" in rows["sleb-cpt-20"].overrides["score.block_criteria"]
+    assert "score.block_criteria" not in rows["bi-cpt-20"].overrides
+    assert rows["ppl+-lora-20"].set_args()[:2] == ["-S", 'prune.method="depth"']
+
+
+def test_later_phases_wait_for_the_winners():
+    first = {r.row for r in phase1()}
+    # nothing finished: only phase 1
+    assert {r.row for r in plan({}, 400)} == first
+    # phase 1 finished, bi is the best CPT criterion: phase 2 uses bi
+    shifts = {r.row: 0.5 for r in phase1()} | {"bi-cpt-20": 0.2, "bi-cpt-35": 0.3}
+    found = results(exp_show(shifts))
+    done = {n: row_numbers(r) for n, r in found.items()}
+    rows = plan(done, 400)
+    second = {r.row for r in rows} - first
+    assert second == {f"bi-{k}-{p}" for k in ("kd", "kdh", "iter") for p in RATIOS}
+    iterative = next(r for r in rows if r.row == "bi-iter-20").overrides
+    assert iterative["prune.depth.heal_tokens"] + iterative["retrain.tokens"] == RECIPE_TOKENS
+    # phase 2 finished, kd best: phase 3 retrains with kd, at half the base's non-embedding parameters
+    shifts |= {f"bi-{k}-{p}": 0.4 for k in ("kdh", "iter") for p in RATIOS} | {"bi-kd-20": 0.1, "bi-kd-35": 0.2}
+    done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
+    rows = {r.row: r for r in plan(done, 500)}
+    assert {"half-depth-kd", "half-width-kd", "half-sheared-kd", "ppl+-cpt-20-seed1", "bi-kd-20-seed1"} <= set(rows)
+    assert rows["half-width-kd"].overrides["prune.target.params"] == 500
+    assert rows["half-sheared-kd"].overrides["retrain.distill"] == 1.0
+    assert rows["bi-kd-20-seed1"].overrides["run.seed"] == 1
+
+
+def test_unfinished_rows_do_not_count():
+    shifts = {r.row: 0.5 for r in phase1()}
+    found = results(exp_show(shifts, states={"bi-cpt-35": "running", "sleb-cpt-20": "failed"}))
+    assert found[EXP_PREFIX + "bi-cpt-35"].state == "running"
+    done = {n: row_numbers(r) for n, r in found.items() if r.state == "success"}
+    assert {r.row for r in plan(done, 400)} == {r.row for r in phase1()}
+
+
+def test_table_and_target():
+    shifts = {r.row: 0.5 for r in phase1()} | {"ppl+-cpt-20": 0.4, "ppl+-cpt-35": 0.6, "bi-cpt-20": 0.3}
+    found = results(exp_show(shifts))
+    done = {n: row_numbers(r) for n, r in found.items()}
+    assert done[EXP_PREFIX + "ppl+-cpt-20"]["wall_s"] == 600.0  # evaluation 60 s + training 540 s
+    text = render(plan(done, 400), done, found)
+    assert "| ppl+-cpt-20 | ppl+ + CPT, 20% (Shortened LLaMA v2) | 0.400 | 0.400 | 0.30 ± 0.05 |" in text
+    assert "20% @128: best bi-cpt-20 0.300 vs ppl+-cpt 0.400: +25.0% (met" in text
+    assert "35% @128: best bi-cpt-35 0.500 vs ppl+-cpt 0.600: +16.7% (met" in text
+    assert "half size: not measured yet" in text
