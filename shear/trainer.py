@@ -398,13 +398,17 @@ def _sharded_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict, dic
         weights, optim = get_model_state_dict(model, options=options), {"state": {}}
     else:  # AdamW's moments are created (zeros) when it has not stepped yet: a resume fills them
         weights, optim = get_state_dict(model, optimizer.optimizer, options=options)
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
     flat: dict[str, torch.Tensor] = {}
-    seen = set()
+    # Tied embeddings once (safetensors refuses shared storage), and never when frozen: torch's
+    # ignore_frozen_params drops the frozen parameter's own name but keeps its tied alias.
+    seen = {local(p).data_ptr() for p in model.parameters() if not p.requires_grad}
     for name, t in weights.items():
-        local = t.to_local() if hasattr(t, "to_local") else t
-        if local.data_ptr() in seen:  # tied embeddings: once (safetensors refuses shared storage)
+        if local(t).data_ptr() in seen:
             continue
-        seen.add(local.data_ptr())
+        seen.add(local(t).data_ptr())
         flat[f"weights.{name}"] = t
     for name, moments in optim["state"].items():
         for key, t in moments.items():
