@@ -116,7 +116,7 @@ def part_sheared_steps(device, dtype, smoke, seq_len, steps) -> dict:
     from shear.prune.l0 import L0Masks
     from shear.prune.shapes import resolve_target
     from bench.sheared_speed import masked_step
-    from shear.prune.sheared import MaskHooks, ShearedObjective, make_optimizer
+    from shear.prune.sheared import MaskHooks, ShearedObjective, make_weights_optimizer
 
     shape, target = source_shape(smoke), target_shape(smoke)
     config = make_config(shape, seq_len)
@@ -135,7 +135,7 @@ def part_sheared_steps(device, dtype, smoke, seq_len, steps) -> dict:
     masks = L0Masks(architecture(model.config), resolve_target(model.config, {k: target[k] for k in keys}, 1))
     masks = masks.to(device)
     hooks = MaskHooks(model, masks)
-    optimizer = make_optimizer(model, masks, 1e-4, 1.0, 1.0)
+    optimizer = make_weights_optimizer(model, 1e-4)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, shape["vocab_size"], (micro_batch, seq_len), generator=generator).to(device)
                for _ in range(steps + 1)]

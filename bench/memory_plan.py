@@ -113,14 +113,15 @@ def train_step(stage: str, model, params, device, g) -> None:
         from shear.prune.l0 import L0Masks
         from shear.prune.shapes import resolve_target
         from bench.sheared_speed import masked_step
-        from shear.prune.sheared import MaskHooks, ShearedObjective, make_optimizer
+        from shear.prune.sheared import MaskHooks, ShearedObjective, make_weights_optimizer
 
         sh = params.prune.sheared
         target = resolve_target(model.config, {"params": count_parameters(model)["non_embedding"] // 2}, 64)
         masks = L0Masks(architecture(model.config), target).to(device)
         hooks = MaskHooks(model, masks)
-        optimizer = make_optimizer(model, masks, sh.lr_model, sh.lr_mask, sh.lr_lambda)
-        objective = ShearedObjective(masks, hooks, None, lagrangian_warmup_steps=2, source_params=1.0, seed=0)
+        optimizer = make_weights_optimizer(model, sh.lr_model)
+        objective = ShearedObjective(masks, hooks, None, lagrangian_warmup_steps=2, source_params=1.0, seed=0,
+                                     lr_mask=sh.lr_mask, lr_lambda=sh.lr_lambda)
         model.train()
         for _ in range(2):
             batch = torch.randint(0, model.config.vocab_size, (sh.batch_size, sh.seq_len), generator=g).to(device)

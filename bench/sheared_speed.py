@@ -29,7 +29,7 @@ from shear.io import atomic_file, write_json
 from shear.models import architecture, count_parameters, offline
 from shear.prune.l0 import L0Masks
 from shear.prune.shapes import resolve_target
-from shear.prune.sheared import GRAD_CLIP, BETAS, MaskHooks, ShearedObjective, make_optimizer
+from shear.prune.sheared import GRAD_CLIP, BETAS, MaskHooks, ShearedObjective, make_weights_optimizer
 from shear.speed import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,9 +69,11 @@ def masked_step(model, objective: ShearedObjective, optimizer, batch: torch.Tens
     with autocast(batch.device):
         loss, _ = objective.loss(model, batch, 1)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], GRAD_CLIP)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizers = (optimizer, objective.extra_optimizer())  # the weights', the masks' and multipliers'
+    torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]], GRAD_CLIP)
+    for o in optimizers:
+        o.step()
+        o.zero_grad(set_to_none=True)
     return loss.item()
 
 
@@ -116,7 +118,7 @@ def compare(model, device: torch.device, batch_size: int, seq_len: int, repeats:
     batch = torch.randint(0, model.config.vocab_size, (batch_size, seq_len),
                           generator=torch.Generator().manual_seed(0)).to(device)
     plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=BETAS, weight_decay=0.0)
-    masked_opt = make_optimizer(model, masks, 1e-4, 1.0, 1.0)
+    masked_opt = make_weights_optimizer(model, 1e-4)
 
     times = {"masked": [], "plain": []}
     for i in range(warmup + repeats):

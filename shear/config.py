@@ -186,7 +186,10 @@ class ShearedParams:
     lagrangian_warmup_fraction: float = field(default=0.2, metadata=_range(0, 1))
     temperature: float = field(default=2 / 3, metadata=_range(0, lo_open=True))
     checkpoint_every: int = field(default=50, metadata=_range(1))
-    num_processes: int = field(default=1, metadata=_range(1))  # > 1: re-launched under accelerate (DDP)
+    num_processes: int = field(default=1, metadata=_range(1))  # > 1: re-launched under accelerate
+    # how several processes hold the model: auto (FSDP when shear.plan says one device cannot hold
+    # the run, else DDP) | ddp (a full copy per process) | fsdp (weights, gradients, AdamW sharded)
+    sharding: Literal["auto", "ddp", "fsdp"] = "auto"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
 
 

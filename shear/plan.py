@@ -138,6 +138,7 @@ class StagePlan:
     fitted_bytes: int = 0         # per device at processes x micro-batch (training stages)
     checkpoint_bytes: int = 0     # one training checkpoint on disk
     layerwise: bool = False       # scoring one block at a time
+    sharded: bool = False         # training: FSDP over `num_processes` (else DDP / one process)
     notes: list[str] = field(default_factory=list)
 
     def fits(self, device_bytes: int) -> bool:
@@ -189,6 +190,13 @@ def _lora_dropout_saved(s: ModelShape, targets: list[str], act_bytes: int) -> in
     copy of its input and the dropout mask (1 byte)."""
     dims = _linear_dims(s)
     return s.layers * (act_bytes + 1) * sum(dims[t][0] for t in targets if t in dims)
+
+
+def fsdp_chosen(sharding: str, num_processes: int, fits_one_device: bool) -> bool:
+    """Whether a run on `num_processes` shards its model (FSDP) instead of copying it to every
+    process (DDP): `sharding` fsdp forces it, ddp forbids it, auto takes it when one device cannot
+    hold the unsharded run. One process never shards."""
+    return num_processes > 1 and (sharding == "fsdp" or (sharding == "auto" and not fits_one_device))
 
 
 def _fit_training(make, batch: int, device_bytes: int, max_processes: int) -> tuple[int, int, bool]:
@@ -250,9 +258,13 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         make = lambda n, mb, ckpt: _train_memory(s, s.total, 0, mb, sh.seq_len, act, n, ckpt, runtime,  # noqa: E731
                                                  foreach_adam=cuda)
         n, mb, ckpt = _fit_training(make, sh.batch_size, device_bytes, max_processes)
-        plans["prune"] = StagePlan("prune (sheared)", make(1, sh.batch_size, False), processes=n, micro_batch=mb,
+        # as configured: FSDP over num_processes when prune.sheared.sharding says so (shear/prune/sheared.py)
+        unsharded = make(1, sh.batch_size, sh.activation_checkpointing)
+        sharded = fsdp_chosen(sh.sharding, sh.num_processes, unsharded.total <= device_bytes)
+        plans["prune"] = StagePlan("prune (sheared)", make(sh.num_processes, sh.batch_size, sh.activation_checkpointing)
+                                   if sharded else unsharded, processes=n, micro_batch=mb,
                                    activation_checkpointing=ckpt, checkpoint_bytes=s.total * 12,
-                                   fitted_bytes=make(n, mb, ckpt).total if n else 0)
+                                   fitted_bytes=make(n, mb, ckpt).total if n else 0, sharded=sharded)
     else:  # depth: load, drop blocks, save tensor by tensor; width: the sliced copy beside the original
         copies = 2 if params.prune.method == "width" else 1
         plans["prune"] = StagePlan(f"prune ({params.prune.method})",

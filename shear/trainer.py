@@ -30,6 +30,16 @@ JSON header and raw bytes. Saving never holds two full copies: each shard is wri
 temporary file and renamed over its predecessor one at a time (peak: one checkpoint plus one
 shard), then `meta.json` is replaced last. A kill in the middle leaves shards of two steps,
 which the reader detects from their headers and refuses (the run starts afresh, saying so).
+
+Under FSDP no process holds the whole model, so the weights and their AdamW moments are
+written by every rank, its own shards only, through torch.distributed.checkpoint's
+safetensors writer into `<dir>/last/sharded/` (one `shard-RRRRR-model-00001-of-00001.safetensors`
+per rank; each tensor's offset in the whole is JSON in the safetensors header; no pickle,
+no `.metadata` file). The previous checkpoint is deleted first, `meta.json` first of all (peak
+disk: one checkpoint; a kill during the save leaves no checkpoint and the run starts afresh),
+and rank 0 writes the rest (masks, sampler, RNG) as above with the shard files' sizes in
+`meta.json`, last. torch's reader reassembles the shards for any number of processes, FSDP or
+not: a sharded checkpoint resumes on another process count (see `load_weights_and_optimizer`).
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +67,7 @@ from shear.models import pick_device
 FINAL_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate
 SHARD_BYTES = 1 << 30  # the most a save holds twice on disk: one shard
 CHECKPOINT_FORMAT = 1
+SHARDED_DIR = "sharded"  # under <checkpoint>/last: the FSDP ranks' shards of weights and optimizer
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 
 
@@ -63,11 +75,33 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accel
 
 
 def make_accelerator(device: str = "auto"):
-    """An `accelerate.Accelerator` for `run.device`: bf16 autocast on CUDA, gloo processes on CPU."""
+    """An `accelerate.Accelerator` for `run.device`: bf16 autocast on CUDA, gloo processes on CPU.
+
+    Under `accelerate launch --config_file configs/accelerate/fsdp.yaml` the model is sharded
+    with accelerate's FSDP2 plugin: bf16 compute over float32 master weights on CUDA, with the
+    gradients reduced in float32 (accelerate's default would reduce them in bf16).
+    """
     from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     cuda = pick_device(device).type == "cuda"
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    plugin = None
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        policy = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32, "output_dtype": torch.bfloat16}
+        plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy if cuda else None)
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no", fsdp_plugin=plugin)
+    if plugin is not None and accelerator.distributed_type.name == "MULTI_CPU":
+        # accelerate 1.x turns its FSDP plugin on for GPU-class devices only (AcceleratorState
+        # leaves gloo processes MULTI_CPU); torch's FSDP2 itself shards over gloo, so on CPU
+        # the state is switched here and everything after is accelerate's own FSDP2 path.
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        # what AcceleratorState.__init__ does on GPUs: every later AcceleratorState() copies it from here
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
 
 
 def launched() -> bool:
@@ -260,6 +294,8 @@ def save_checkpoint(directory: str | Path, fingerprint: str, step: int, state: d
             "state": skeleton}
     with atomic_file(path / "meta.json") as f:
         json.dump(meta, f)
+    if "sharded" not in state:  # the shards of an earlier FSDP run are no part of this checkpoint
+        shutil.rmtree(path / SHARDED_DIR, ignore_errors=True)
 
 
 def read_checkpoint(directory: str | Path, fingerprint: str, who: str, announce: bool = True) -> Optional[dict]:
@@ -308,6 +344,13 @@ def read_checkpoint(directory: str | Path, fingerprint: str, who: str, announce:
     except (KeyError, TypeError, ValueError) as e:
         raise ShearError(f"{path}/meta.json: does not match its tensor files ({e!r}); delete {path} "
                          "to start afresh") from None
+    if isinstance(state, dict) and "sharded" in state:
+        found = {f.name: f.stat().st_size for f in sorted((path / SHARDED_DIR).glob("*.safetensors"))}
+        if found != state["sharded"]:
+            say(f"{who}: ignoring the checkpoint in {path}: {path / SHARDED_DIR} does not hold the shard files "
+                "meta.json lists (a save was interrupted or a file was changed); starting afresh")
+            return None
+        state["sharded_dir"] = str(path / SHARDED_DIR)
     say(f"{who}: resuming from {path} at step {meta['step']}")
     return state
 
@@ -327,27 +370,108 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def is_fsdp(accelerator) -> bool:
+    """True when `accelerator` shards the model (FSDP) rather than copying it to every process."""
+    return accelerator.distributed_type.name == "FSDP"
+
+
 def weights_and_optimizer_state(accelerator, model, optimizer) -> tuple[dict, dict]:
-    """Full state dicts of the trainable weights and of the optimizer (collective under FSDP).
+    """Full state dicts of the trainable weights and of the optimizer (empty when it is None).
 
-    FSDP shards both, so torch.distributed.checkpoint gathers them; otherwise every rank
-    holds the same state and the plain dicts (optimizer indexed by position) are it.
+    Without FSDP every rank holds the same state and the plain dicts (optimizer indexed by
+    position) are it; FSDP checkpoints go through `save_sharded` instead.
     """
-    if accelerator.distributed_type.name == "FSDP":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        return get_state_dict(model, optimizer.optimizer, options=options)
     plain = accelerator.unwrap_model(model)
     weights = {n: p for n, p in plain.named_parameters() if p.requires_grad}
-    return weights, optimizer.optimizer.state_dict()
+    return weights, optimizer.optimizer.state_dict() if optimizer is not None else {}
 
 
-def load_weights_and_optimizer(accelerator, model, optimizer, weights: dict, optim_state: dict) -> None:
-    """Inverse of `weights_and_optimizer_state`."""
-    if accelerator.distributed_type.name == "FSDP":
+def _sharded_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """The trainable weights and their optimizer state as torch.distributed.checkpoint sees them
+    (keyed by parameter name; under FSDP this rank's shards), and flattened into one dict of
+    tensors for its writer and reader. Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    if optimizer is None:
+        weights, optim = get_model_state_dict(model, options=options), {"state": {}}
+    else:  # AdamW's moments are created (zeros) when it has not stepped yet: a resume fills them
+        weights, optim = get_state_dict(model, optimizer.optimizer, options=options)
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    flat: dict[str, torch.Tensor] = {}
+    # Tied embeddings once (safetensors refuses shared storage), and never when frozen: torch's
+    # ignore_frozen_params drops the frozen parameter's own name but keeps its tied alias.
+    seen = {local(p).data_ptr() for p in model.parameters() if not p.requires_grad}
+    for name, t in weights.items():
+        if local(t).data_ptr() in seen:
+            continue
+        seen.add(local(t).data_ptr())
+        flat[f"weights.{name}"] = t
+    for name, moments in optim["state"].items():
+        for key, t in moments.items():
+            flat[f"optimizer.{name}.{key}"] = t
+    return flat, weights, optim
+
+
+def save_sharded(accelerator, path: Path, model, optimizer) -> dict[str, int]:
+    """Every rank writes its shards of the weights and optimizer state to `path`/sharded (collective).
+
+    The checkpoint in `path` is deleted first, meta.json first of all, so that no meta.json
+    ever lists files of another step. Returns the written files and their sizes in bytes.
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+    flat, _, _ = _sharded_state(model, optimizer)
+    target = path / SHARDED_DIR
+    if accelerator.is_main_process:
+        (path / "meta.json").unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save(flat, storage_writer=HuggingFaceStorageWriter(str(target), save_distributed=True))
+    accelerator.wait_for_everyone()
+    return {f.name: f.stat().st_size for f in sorted(target.glob("*.safetensors"))}
+
+
+def optimizer_state_by_name(model, optimizer, state: dict) -> dict:
+    """An optimizer state dict indexed by position (`torch.optim.Optimizer.state_dict`) keyed by
+    parameter name instead, as torch.distributed.checkpoint's `set_state_dict` takes it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[int(i)]: moments for i, moments in state["state"].items()},
+            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def load_weights_and_optimizer(accelerator, model, optimizer, state: dict) -> None:
+    """Put a checkpoint's weights and optimizer state (from `read_checkpoint`) into `model` and `optimizer`.
+
+    A sharded checkpoint (written under FSDP) loads on any number of processes, FSDP or not:
+    torch's reader gives each rank the slices of the saved shards it holds now. A full one
+    loads as it is, or under FSDP through `set_state_dict`, which keeps each rank's slice.
+    """
+    if "sharded_dir" in state:
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        flat, weights, optim = _sharded_state(model, optimizer)
+        load(flat, storage_reader=HuggingFaceStorageReader(state["sharded_dir"]))
+        if optimizer is None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
+        else:
+            set_state_dict(model, optimizer.optimizer, model_state_dict=weights, optim_state_dict=optim,
+                           options=StateDictOptions(strict=False))
+        return
+    weights, optim_state = state["weights"], state["optimizer"]
+    if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        if optim_state["state"] and all(isinstance(k, int) for k in optim_state["state"]):
+            optim_state = optimizer_state_by_name(model, optimizer.optimizer, optim_state)
         set_state_dict(model, optimizer.optimizer, model_state_dict=weights, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, strict=False))
         return
@@ -357,7 +481,28 @@ def load_weights_and_optimizer(accelerator, model, optimizer, weights: dict, opt
         raise ShearError(f"checkpoint weights {sorted(missing)[:3]} are not parameters of this model; "
                          "delete the checkpoint to start afresh")
     plain.load_state_dict(weights, strict=False)
-    optimizer.optimizer.load_state_dict(optim_state)
+    if optimizer is not None:
+        optimizer.optimizer.load_state_dict(optim_state)
+
+
+def gather_model(accelerator, model):
+    """The trained model as a plain CPU module on rank 0, None on other ranks (collective under FSDP,
+    whose float32 master weights it gathers into a fresh float32 model)."""
+    if is_fsdp(accelerator):
+        # The weights are sharded: gather a full state dict on rank 0 and load it into a fresh copy.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not accelerator.is_main_process:
+            return None
+        # A real (not meta) model: non-persistent buffers such as RoPE's inv_freq are not in the state dict.
+        fresh = AutoModelForCausalLM.from_config(accelerator.unwrap_model(model).config, dtype=torch.float32)
+        fresh.load_state_dict(state)
+        return fresh
+    if not accelerator.is_main_process:
+        return None
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False).to("cpu")
 
 
 # ----------------------------------------------------------------------------- logging
@@ -390,6 +535,12 @@ class Objective:
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """Trained parameters outside the model (clipped with it)."""
         return []
+
+    def extra_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer of `extra_parameters`, stepped with the model's on the same schedule
+        (kept apart: accelerate's FSDP shards a model together with an optimizer of its own
+        parameters only). Its state belongs in `state()`."""
+        return None
 
     def begin_step(self, step: int) -> None:
         """Called before the first micro-batch of optimizer step `step`."""
@@ -457,7 +608,8 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
         checkpoint_dir: Optional[str | Path] = None, checkpoint_every: int = 1, fingerprint: str = "",
         resume: Optional[dict] = None, seed: int = 0, lr_schedule: str = "cosine",
         on_eval: Optional[Callable[[int, dict], None]] = None) -> RunResult:
-    """Run `plan.total_steps` optimizer steps of `objective` on a prepared `model` and `optimizer`.
+    """Run `plan.total_steps` optimizer steps of `objective` on a prepared `model` and `optimizer`
+    (None: no weight of the model trains).
 
     eval_rows: held-out rows per domain, measured before training, every `eval_every` steps
     and at the end (logged as eval/loss/*), and every `update_every` steps fed to the
@@ -470,13 +622,17 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
 
     world, rank = accelerator.num_processes, accelerator.process_index
     device, total, b = accelerator.device, plan.total_steps, plan.batch_size
-    # The model's own parameter list first: accelerate's FSDP clipping recognises it.
+    # One norm over the model's gradients (DTensor shards under FSDP) and the objective's own.
     clipped = list(model.parameters()) + objective.extra_parameters()
+    optimizers = [o for o in (optimizer, objective.extra_optimizer()) if o is not None]
 
     if resume is not None:
-        load_weights_and_optimizer(accelerator, model, optimizer, resume["weights"], resume["optimizer"])
+        load_weights_and_optimizer(accelerator, model, optimizer, resume)
         sampler.load_state_dict(resume["sampler"])
-        set_rng_state(resume["rng"][rank])
+        if rank < len(resume["rng"]):
+            set_rng_state(resume["rng"][rank])
+        else:  # resumed on more processes than saved: this rank's stream starts as in a fresh run
+            torch.manual_seed(seed + rank)
         objective.load_state(resume["objective"])
         start, before, earlier_s, last = resume["step"], resume["losses_before"], resume["train_s"], resume["last"]
     else:
@@ -494,7 +650,7 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
     for step in range(start, total):
         t0 = time.perf_counter()
         factor = lr_factor(step, total, plan.warmup_steps, lr_schedule)
-        for group in optimizer.param_groups:
+        for group in (g for o in optimizers for g in o.param_groups):
             group["lr"] = group["peak_lr"] * factor
         objective.begin_step(step)
         sums: dict[str, torch.Tensor] = {}
@@ -510,8 +666,9 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
                 sums[name] = sums.get(name, 0) + value.float() / plan.grad_accum
         objective.before_update()
         grad_norm = accelerator.clip_grad_norm_(clipped, grad_clip) if grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for o in optimizers:
+            o.step()
+            o.zero_grad(set_to_none=True)
         done = step + 1
 
         # One host sync per step, for the progress bar and the logs: the losses averaged over ranks.
@@ -519,7 +676,7 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
         last = {k: v for k, v in zip(sums, reduced)}
         seconds = time.perf_counter() - t0
         metrics = {f"train/{k}": v for k, v in last.items()}
-        metrics.update({"train/lr": optimizer.param_groups[0]["lr"], "train/lr_factor": factor,
+        metrics.update({"train/lr": optimizers[0].param_groups[0]["lr"], "train/lr_factor": factor,
                         "train/tokens_per_s": plan.tokens_per_step / seconds})
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
@@ -558,13 +715,16 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
 
 def _checkpoint(accelerator, directory, fingerprint: str, step: int, model, optimizer, sampler,
                 objective: Objective, extra: dict) -> None:
-    """Gather the state on every rank (FSDP needs all of them), write it from rank 0."""
+    """Write the checkpoint of `step`: under FSDP every rank its shards (`save_sharded`), then
+    rank 0 the rest; otherwise rank 0 all of it."""
     from accelerate.utils import gather_object
 
-    weights, optim_state = weights_and_optimizer_state(accelerator, model, optimizer)
     rng = gather_object([rng_state()])  # one entry per rank: dropout masks differ across ranks
+    state = {"step": step, "sampler": sampler.state_dict(), "rng": rng, "objective": objective.state(), **extra}
+    if is_fsdp(accelerator):
+        state["sharded"] = save_sharded(accelerator, Path(directory) / "last", model, optimizer)
+    else:
+        state["weights"], state["optimizer"] = weights_and_optimizer_state(accelerator, model, optimizer)
     if accelerator.is_main_process:
-        save_checkpoint(directory, fingerprint, step, {
-            "step": step, "weights": weights, "optimizer": optim_state, "sampler": sampler.state_dict(),
-            "rng": rng, "objective": objective.state(), **extra})
+        save_checkpoint(directory, fingerprint, step, state)
     accelerator.wait_for_everyone()

@@ -7,10 +7,14 @@ domain weights follow each domain's held-out loss above the base model's
 (reports/eval/base/metrics.json).
 
 Several processes: set `prune.sheared.num_processes` and the stage re-executes itself under
-`accelerate launch` (DDP; gloo processes on CPU), like `retrain.num_processes`. The global
-batch is batch_size x grad_accum x num_processes rows; a checkpoint resumes on another
-number of processes when batch_size x num_processes (the rows drawn per micro-batch) and
-grad_accum are unchanged.
+`accelerate launch` (gloo processes on CPU), like `retrain.num_processes`: with
+configs/accelerate/fsdp.yaml (FSDP2, the model sharded) when `prune.sheared.sharding` is fsdp,
+or auto and the memory plan (shear.plan) says one device cannot hold the unsharded run;
+else with ddp.yaml (a full copy per process). The global batch is batch_size x grad_accum x
+num_processes rows; a checkpoint resumes on another number of processes when batch_size x
+num_processes (the rows drawn per micro-batch) and grad_accum are unchanged, and across
+sharding modes (an FSDP checkpoint is sharded safetensors that torch reassembles for any
+process count).
 """
 import dataclasses
 import time
@@ -36,12 +40,12 @@ def main(params, args):
     prune, sheared, mixture, seed = params.prune, params.prune.sheared, params.mixture, params.run.seed
     started = time.perf_counter()
     recover_dir(PRUNED_MODEL)  # a run killed while replacing the output left it aside: put it back
-    check_stage("prune", params, BASE_MODEL, pick_device(params.run.device))
+    memory = check_stage("prune", params, BASE_MODEL, pick_device(params.run.device))
     if sheared.num_processes > 1 and not launched():
         # The checks that need no model, before paying for N processes.
         plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,
                  sheared.num_processes, sheared.lr_warmup_fraction)
-        if relaunch("stages.prune_sheared", sheared.num_processes, args.params) != 0:
+        if relaunch("stages.prune_sheared", sheared.num_processes, args.params, fsdp=memory.sharded) != 0:
             raise ShearError("prune: a sheared pruning process failed (its error is printed above)")
         return
 
@@ -74,11 +78,13 @@ def main(params, args):
                            max_positions=model.config.max_position_embeddings) if dynamic else None
 
     # Everything that defines the run: a checkpoint from any other run is not resumed. The
-    # process count is not part of it as such: the same rows per draw and grad_accum give
-    # the same global batches on any number of processes.
+    # process count and sharding are not part of it as such: the same rows per draw and
+    # grad_accum give the same global batches on any number of processes, DDP or FSDP.
     fingerprint = run_hash({
         "sheared": {k: v for k, v in dataclasses.asdict(sheared).items()
-                    if k not in ("checkpoint_every", "num_processes", "batch_size", "activation_checkpointing")},
+                    if k not in ("checkpoint_every", "num_processes", "batch_size", "activation_checkpointing",
+                                 "sharding")},
+        "checkpoint_layout": 2,  # the masks' optimizer apart from the weights' (older checkpoints: afresh)
         "rows_per_draw": plan.batch_size * plan.world_size,
         "target": target, "data": {**dataclasses.asdict(params.data), "mixture": kind},
         "mixture": dataclasses.asdict(mixture) if dynamic else None, "reference": reference,
@@ -106,7 +112,7 @@ def main(params, args):
             "parameters_before": before, "wall_s": round(time.perf_counter() - started, 1),
         })
         after = info["parameters"]
-        print(f"prune: sheared {plan.total_steps} steps on {plan.world_size} process(es) -> "
+        print(f"prune: sheared {plan.total_steps} steps on {plan.world_size} process(es), {record['training']['sharding']} -> "
               f"{', '.join(f'{k}={v}' for k, v in target.items())}: "
               f"{before['non_embedding']:,} -> {after['non_embedding']:,} non-embedding parameters "
               f"({time.perf_counter() - started:.0f} s)")

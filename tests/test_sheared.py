@@ -1,16 +1,10 @@
-"""Sheared pruning: masked forward, folding + slicing, training, resume, export."""
-import argparse
+"""Sheared pruning: masked forward, folding + slicing, training, resume, export (one process;
+several processes, DDP and FSDP: tests/test_sheared_fsdp.py)."""
 import copy
 import json
-import os
-import subprocess
-import sys
-import time
 
-import psutil
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM
 
 from shear.data import load_domains
@@ -20,7 +14,6 @@ from shear.prune.depth import remove_blocks
 from shear.prune.l0 import L0Masks
 from shear.prune.sheared import MaskHooks, finalize, prune_sheared, train_masks
 from shear.trainer import make_accelerator, open_live, plan_run, read_checkpoint
-from tests.conftest import REPO, full_params
 
 SPEC = "layers=4,hidden=64,heads=4,kv_heads=2,mlp=128"
 TRAIN = dict(lr_model=1e-4, lr_mask=1.0, lr_lambda=1.0, lagrangian_warmup_fraction=0.0, checkpoint_every=2)
@@ -213,96 +206,3 @@ def test_activation_checkpointing_changes_nothing(tmp_path, shards, accelerator)
     for a, b in zip(*results):
         for name in a:
             assert torch.allclose(a[name], b[name], atol=1e-6), name
-
-
-# ----------------------------------------------------------------------------- several processes (gloo)
-
-TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
-          "intermediate_size": 96}
-STEPS, GLOBAL_ROWS = 8, 4
-# gloo averages two half-batch gradients where one process sums one batch: the float sums
-# differ in order (~1e-7 relative) and Adam's normalisation carries that through 8 steps.
-TOLERANCE = 1e-4
-
-
-def write_stage_inputs(root, raw_corpus, num_processes):
-    """data/models/base, data/shards and params.yaml for a tiny sheared run of STEPS steps."""
-    from shear.data import build_shards
-
-    model, tok = make_tiny_model(SPEC, seed=0)
-    save_model(model, tok, root / "data/models/base", {"method": "tiny"})
-    build_shards(raw_corpus, tok, root / "data/shards", seq_len=64, calib_fraction=0.15, eval_fraction=0.15,
-                 max_tokens_per_domain=200_000, seed=0)
-    params = {
-        "run": {"device": "cpu", "seed": 0},
-        "data": {"mixture": "dynamic"},
-        "mixture": {"eval_sequences": 2, "update_every": 2, "reference_loss": {"code": 0.0, "prose": 0.0}},
-        "prune": {"method": "sheared", "target": TARGET,
-                  "sheared": {"tokens": STEPS * GLOBAL_ROWS * 32, "batch_size": GLOBAL_ROWS // num_processes,
-                              "seq_len": 32, "lr_model": 1e-3, "lr_warmup_fraction": 0.25,
-                              "lagrangian_warmup_fraction": 0.5, "checkpoint_every": 2,
-                              "num_processes": num_processes}},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
-
-
-def final_state(root):
-    """The last checkpoint's masks, multipliers and weights, and its fingerprint."""
-    meta = json.loads((root / "data/checkpoints/prune/last/meta.json").read_text())
-    state = read_checkpoint(root / "data/checkpoints/prune", meta["fingerprint"], "test")
-    assert state["step"] == STEPS
-    return {**{f"masks.{k}": v for k, v in state["objective"]["masks"].items()}, **state["weights"]}, meta
-
-
-def run_stage_process(root, **popen):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "stages.prune_sheared"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def test_two_processes_equal_one_and_resume(tmp_path, raw_corpus, accelerator, monkeypatch):
-    """2 gloo processes (2 rows each) = 1 process (4 rows), uninterrupted and after a kill + resume."""
-    from shear.config import load_params
-    from stages import prune_sheared as stage
-
-    roots = {name: tmp_path / name for name in ("one", "two", "killed")}
-    for name, root in roots.items():
-        root.mkdir()
-        write_stage_inputs(root, raw_corpus, 1 if name == "one" else 2)
-
-    two = run_stage_process(roots["two"])
-    killed = run_stage_process(roots["killed"])
-    meta = roots["killed"] / "data/checkpoints/prune/last/meta.json"
-    while not meta.is_file() and killed.poll() is None:
-        time.sleep(0.01)
-    assert killed.poll() is None, f"the stage ended before it was killed:\n{killed.communicate()[0][-3000:]}"
-    # The stage, its launcher and both ranks (torch elastic starts them in their own sessions), mid-run.
-    for process in [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]:
-        process.kill()
-    killed.wait()
-    killed_at = json.loads(meta.read_text())["step"]
-    assert killed_at < STEPS and not (roots["killed"] / "data/models/pruned").exists()
-
-    monkeypatch.chdir(roots["one"])  # the 1-process reference, in this process, meanwhile
-    stage.main(load_params("params.yaml"), argparse.Namespace(params="params.yaml"))
-    monkeypatch.chdir(tmp_path)
-    out, _ = two.communicate(timeout=600)
-    assert two.returncode == 0, out[-4000:]
-    resumed = run_stage_process(roots["killed"])
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-4000:]
-    assert f"sheared: resuming from data/checkpoints/prune/last at step {killed_at}" in out, out
-
-    reference, ref_meta = final_state(roots["one"])
-    for name in ("two", "killed"):
-        got, meta_got = final_state(roots[name])
-        assert meta_got["fingerprint"] == ref_meta["fingerprint"]  # the same run on any number of processes
-        assert list(got) == list(reference)
-        worst = max((got[k] - reference[k]).abs().max().item() for k in reference)
-        print(f"{name} vs one process: max |difference| of masks, multipliers and weights {worst:.2e}")
-        assert worst < TOLERANCE, (name, worst)
-        record = json.loads((roots[name] / "data/models/pruned/shear.json").read_text())
-        assert record["training"]["world_size"] == 2 and record["kept"] == \
-            json.loads((roots["one"] / "data/models/pruned/shear.json").read_text())["kept"]
-    assert json.loads((roots["killed"] / "data/models/pruned/shear.json").read_text())["training"][
-        "resumed_from_step"] == killed_at

@@ -15,8 +15,17 @@ AdamW with betas (0.9, 0.95), no weight decay, gradient clipping at 1.0, one lea
 schedule for all groups (shear.trainer.lr_factor: linear warm-up over `lr_warmup_fraction`
 of the steps, 0.1 in the reference, then cosine down to 10%), and the mask and multiplier
 groups at lr 1.0. The loop, checkpoints and multi-process launch are the shared training-run
-scaffold's (shear/trainer.py): DDP over `accelerate` processes, each rank its slice of one
-global batch, micro-batches with gradient accumulation.
+scaffold's (shear/trainer.py): `accelerate` processes, each rank its slice of one global batch,
+micro-batches with gradient accumulation; the model is copied to every process (DDP) or
+sharded over them (FSDP2, accelerate's plugin: each decoder block its own unit, bf16 compute
+with float32 master weights and gradient reduction on CUDA).
+
+Under either, the masks and multipliers stay outside the model: plain tensors, the whole of
+them on every rank, with an AdamW of their own (`ShearedObjective`). Their gradients are
+averaged over the ranks by one all-reduce per step, so identical gradients and identical
+optimizers keep them identical everywhere (checked before the cut). The hooks that apply
+them sit on the model's own submodules (o_proj, down_proj, embeddings, final norm), which
+FSDP2 shards in place without replacing, so they act inside the sharded forward unchanged.
 """
 from __future__ import annotations
 
@@ -116,16 +125,19 @@ class MaskHooks:
 # ----------------------------------------------------------------------------- training
 
 
-def make_optimizer(model, masks: L0Masks, lr_model: float, lr_mask: float, lr_lambda: float):
-    """AdamW with three groups: weights (descent), log-alphas (descent), multipliers (ascent)."""
-    groups = [
+def make_weights_optimizer(model, lr_model: float):
+    """AdamW over the model's weights (descent). Frozen weights (lr_model 0) get no AdamW state:
+    it keeps moments only for parameters that receive gradients."""
+    return trainer.make_optimizer([{"params": list(model.parameters()), "lr": lr_model, "weight_decay": 0.0}],
+                                  BETAS)
+
+
+def make_mask_optimizer(masks: L0Masks, lr_mask: float, lr_lambda: float):
+    """AdamW with two groups: log-alphas (descent), Lagrange multipliers (ascent)."""
+    return trainer.make_optimizer([
         {"params": list(masks.masks.parameters()), "lr": lr_mask, "weight_decay": 0.0},
         {"params": list(masks.lambdas.parameters()), "lr": lr_lambda, "weight_decay": 0.0, "maximize": True},
-    ]
-    if lr_model > 0:
-        groups.insert(0, {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr_model,
-                          "weight_decay": 0.0})
-    return trainer.make_optimizer(groups, BETAS)
+    ], BETAS)
 
 
 class ShearedObjective(trainer.Objective):
@@ -134,13 +146,15 @@ class ShearedObjective(trainer.Objective):
     One mask draw per optimizer step, shared by every micro-batch and every rank: the draw
     comes from one generator seeded alike everywhere, re-drawn from the same generator state
     for each micro-batch (so each micro-batch's graph is its own). The masks and multipliers
-    live outside the (DDP-wrapped) model, so their gradients are averaged across ranks here;
-    with identical gradients and optimizers they stay identical on every rank.
+    live outside the (DDP- or FSDP-wrapped) model with their own optimizer, so their gradients
+    are averaged across ranks here; with identical gradients and optimizers they stay
+    identical on every rank.
     """
 
     def __init__(self, masks: L0Masks, hooks: MaskHooks, accelerator, lagrangian_warmup_steps: int,
-                 source_params: float, seed: int):
+                 source_params: float, seed: int, lr_mask: float = 1.0, lr_lambda: float = 1.0):
         self.masks, self.hooks, self.accelerator = masks, hooks, accelerator
+        self.optimizer = make_mask_optimizer(masks, lr_mask, lr_lambda)
         self.warmup = lagrangian_warmup_steps
         self.source_params = source_params
         self.generator = torch.Generator().manual_seed(seed)
@@ -148,6 +162,9 @@ class ShearedObjective(trainer.Objective):
 
     def extra_parameters(self):
         return list(self.masks.parameters())
+
+    def extra_optimizer(self):
+        return self.optimizer
 
     def lagrangian_progress(self, step: int) -> float:
         """Fraction of the target sparsity that step `step` (0-based) aims at: a linear ramp."""
@@ -194,10 +211,12 @@ class ShearedObjective(trainer.Objective):
         yield
 
     def state(self):
-        return {"masks": self.masks.state_dict(), "generator": self.generator.get_state()}
+        return {"masks": self.masks.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
 
     def load_state(self, state):
         self.masks.load_state_dict(state["masks"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
 
 
@@ -219,7 +238,8 @@ def train_masks(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerat
     """Learn the masks (and the weights unless lr_model is 0) for `plan.total_steps` optimizer steps.
 
     Runs the shared loop of shear/trainer.py on `accelerator`'s processes (the model is
-    DDP-wrapped when its weights train). When `heldout` is given the sampler is dynamic and
+    DDP-wrapped when its weights train, FSDP-sharded whenever `accelerator` is FSDP's). When
+    `heldout` is given the sampler is dynamic and
     is updated every `update_every` steps from the held-out losses of the model as it
     currently stands (deterministic masks at their expected sizes). A checkpoint (trained
     weights, masks, multipliers, optimizer, sampler, RNG, step) is written to
@@ -233,15 +253,14 @@ def train_masks(model, masks: L0Masks, sampler, plan: trainer.RunPlan, accelerat
         trainer.set_activation_checkpointing(model, True)
     masks.to(accelerator.device)
     hooks = MaskHooks(model, masks)  # on the plain model's modules, before any wrapping
-    optimizer = make_optimizer(model, masks, lr_model, lr_mask, lr_lambda)
-    if lr_model > 0:
-        model, optimizer = accelerator.prepare(model, optimizer)
+    if lr_model > 0 or trainer.is_fsdp(accelerator):
+        # accelerate shards a model under FSDP only together with its optimizer, frozen or not
+        model, optimizer = accelerator.prepare(model, make_weights_optimizer(model, lr_model))
     else:  # nothing of the model trains: DDP has nothing to synchronise
-        model = model.to(accelerator.device)
-        optimizer = accelerator.prepare(optimizer)
+        model, optimizer = model.to(accelerator.device), None
     source_params = masks.parameters_kept({n: torch.ones_like(m.log_alpha) for n, m in masks.masks.items()}).item()
     objective = ShearedObjective(masks, hooks, accelerator, round(lagrangian_warmup_fraction * plan.total_steps),
-                                 source_params, seed)
+                                 source_params, seed, lr_mask, lr_lambda)
     try:
         result = trainer.fit(model, optimizer, objective, sampler, plan, accelerator, desc="sheared pruning",
                              grad_clip=GRAD_CLIP, eval_rows=heldout, update_every=update_every if heldout else None,
@@ -311,8 +330,11 @@ def prune_sheared(model, masks: L0Masks, sampler, plan: trainer.RunPlan, acceler
                      "resumed_from_step": result.resumed_from_step, "train_s": round(result.train_s, 1),
                      "final": result.last},
     }
-    if not accelerator.is_main_process:
+    record["training"]["sharding"] = "fsdp" if trainer.is_fsdp(accelerator) else \
+        "ddp" if accelerator.num_processes > 1 else "none"
+    model = trainer.gather_model(accelerator, model)  # FSDP: every rank sends its shards to rank 0
+    if model is None:
         return None, record
-    model, keep, _ = finalize(model.cpu(), masks.cpu())
+    model, keep, _ = finalize(model, masks.cpu())
     record["kept"] = keep
     return model, record
