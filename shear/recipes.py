@@ -85,6 +85,7 @@ class RowResult:
     state: str                 # success | failed | queued | running
     params: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    rev: str = ""              # the experiment's commit
 
 
 # ----------------------------------------------------------------------------- the rows
@@ -188,7 +189,7 @@ def results(exp_json: list) -> dict[str, RowResult]:
                     state = "failed"
                 stamp = data.get("timestamp") or ""
                 if name not in found or stamp >= found[name][0]:
-                    found[name] = (stamp, RowResult(state, params, metrics))
+                    found[name] = (stamp, RowResult(state, params, metrics, rev.get("rev") or ""))
     return {name: result for name, (_, result) in found.items()}
 
 
@@ -200,7 +201,7 @@ def row_numbers(result: RowResult) -> dict | None:
     base = EvalMetrics.from_dict(result.metrics[BASE_EVAL], BASE_EVAL)
     wall = row.info.get("wall_s") or 0.0
     for path in TRAIN_METRICS:
-        wall += flatten(result.metrics.get(path) or {}).get("wall_s") or 0.0
+        wall += (result.metrics.get(path) or {}).get("train_s") or 0.0
     p = result.params
     return {
         "log_ratio": {length: log_ratio(row, base, length) for length in row.loss},
@@ -270,9 +271,26 @@ def plan(done: dict[str, dict | None], half_params: int | None) -> list[Recipe]:
     return rows
 
 
+def training_metrics(root: Path, rev: str) -> dict[str, dict]:
+    """The DVCLive summaries (TRAIN_METRICS) committed with experiment `rev`, read from git: they are
+    not DVC metrics (a depth-pruning run has no prune summary), so `dvc exp show` does not list them."""
+    out = {}
+    for path in TRAIN_METRICS:
+        done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
+        if done.returncode == 0:
+            try:
+                out[path] = json.loads(done.stdout)
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
 def collect(root: Path) -> tuple[dict[str, RowResult], dict[str, dict | None], int | None]:
     """(all rcp- results, {exp name: numbers of finished rows}, half the base's non-embedding parameters)."""
     found = results(exp_show(root))
+    for r in found.values():
+        if r.state == "success":
+            r.metrics |= training_metrics(root, r.rev)
     done = {name: row_numbers(r) for name, r in found.items() if r.state == "success"}
     base = next((n["base_non_embedding"] for n in done.values() if n), None)
     return found, done, None if base is None else base // 2

@@ -703,6 +703,7 @@ def fit(model, optimizer, objective: Objective, sampler, plan: RunPlan, accelera
             _checkpoint(accelerator, checkpoint_dir, fingerprint, done, model, optimizer, sampler, objective, {
                 "losses_before": before, "last": last, "train_s": earlier_s + time.perf_counter() - t_start})
         if live is not None:
+            live.summary["train_s"] = round(earlier_s + time.perf_counter() - t_start, 1)  # wall time so far
             live.make_summary()
     bar.close()
 

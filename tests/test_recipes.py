@@ -41,7 +41,7 @@ def exp_show(rows: dict[str, float], states: dict[str, str] | None = None) -> li
                          "metrics": {} if state == "queued" else {
                              "reports/eval/base/metrics.json": {"data": metrics(0.0, 1000)},
                              "reports/eval/retrained/metrics.json": {"data": metrics(shift)},
-                             "reports/train/retrain/metrics.json": {"data": {"wall_s": 540.0}}}}}]})
+                             "reports/train/retrain/metrics.json": {"data": {"train_s": 540.0}}}}}]})
     return [{"rev": "workspace", "data": {}, "experiments": None}, {"rev": "a" * 40, "data": {}, "experiments": exps}]
 
 
@@ -105,3 +105,17 @@ def test_table_and_target():
     assert "20% @128: best bi-cpt-20 0.300 vs ppl+-cpt 0.400: +25.0% (met" in text
     assert "35% @128: best bi-cpt-35 0.500 vs ppl+-cpt 0.600: +16.7% (met" in text
     assert "half size: not measured yet" in text
+
+
+def test_training_summaries_are_read_from_the_experiment_commit(tmp_path):
+    import json
+    import subprocess
+
+    from shear.recipes import training_metrics
+
+    (tmp_path / "reports/train/retrain").mkdir(parents=True)
+    (tmp_path / "reports/train/retrain/metrics.json").write_text(json.dumps({"train_s": 12.5}))
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": "/usr/bin:/bin"}
+    subprocess.run("git init -q && git add -A && git commit -qm x", shell=True, cwd=tmp_path, env=env, check=True)
+    assert training_metrics(tmp_path, "HEAD") == {"reports/train/retrain/metrics.json": {"train_s": 12.5}}
