@@ -204,4 +204,4 @@ def test_error_after_loading_the_model_is_still_one_line(tmp_path, monkeypatch, 
 
     shutil.copytree(tiny_checkpoint / "model", tmp_path / "data/models/base")
     run_stage_expecting_error(tmp_path, monkeypatch, capsys, prune, {}, PREVIOUS,
-                              "error: reports/scores/block_ppl.json: file not found")
+                              "error: reports/scores/block_ppl+.json: file not found")
