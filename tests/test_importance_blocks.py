@@ -199,3 +199,16 @@ def test_criteria_share_one_forward_pass_and_give_the_same_scores(trained):
     # the unpruned perplexity from the cached states equals the model's own forward
     by_forward = sum(logits_nll(model(input_ids=calib[i:i + 4]).logits, calib[i:i + 4]).item() for i in (0, 4))
     assert shared["ppl"]["unpruned_ppl"] == pytest.approx(math.exp(by_forward / (8 * 47)), rel=1e-6)
+
+
+def test_block_taylor_keeps_the_width_taylor_scores_of_its_backward_pass(trained):
+    from shear.importance.width import width_taylor_scores
+
+    model, calib = trained
+    memo = {}
+    record = score_blocks(model, calib, "taylor", n=2, batch_size=4, memo=memo)
+    alone = width_taylor_scores(model, calib, batch_size=4)  # what the width criterion computed by itself
+    assert set(memo["width_taylor"]) == set(alone)
+    for key, value in alone.items():
+        torch.testing.assert_close(memo["width_taylor"][key], value, rtol=1e-5, atol=0)
+    assert record["scores"] == pytest.approx(alone["layers"].tolist(), rel=1e-6)

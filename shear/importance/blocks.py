@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from shear.config import BLOCK_CRITERIA
 from shear.errors import ShearError
+from shear.importance.width import width_taylor_scores
 from shear.models import lm_logits
 from shear.nll import logits_nll
 from shear.plots import pyplot, save_png
@@ -165,32 +166,19 @@ def sleb_greedy(num_layers: int, n: int, step_scores: Callable[[list[int]], list
     return scores, order
 
 
-def taylor_scores(model, calib: torch.Tensor, batch_size: int) -> list[float]:
+def taylor_scores(model, calib: torch.Tensor, batch_size: int, memo: dict | None = None) -> list[float]:
     """First-order Taylor importance: sum over the block's parameters of |W * dL/dW|.
 
-    As in Shortened LLaMA's code: the gradient of the LM loss is accumulated over the
-    calibration batches, each element's first-order term W * g is taken in absolute value
-    and summed within each weight matrix (and norm vector), then summed over the block.
+    As in Shortened LLaMA's code: the gradient of the LM loss (here its mean over the
+    calibration sequences) is taken, each element's first-order term W * g is taken in
+    absolute value and summed over the block. That is the `layers` entry of LLM-Pruner's
+    width Taylor scores, which come from the same gradient: one backward pass gives both,
+    and `memo["width_taylor"]` keeps the width scores for the width criterion.
     """
-    params = list(model.parameters())
-    was_trainable = [p.requires_grad for p in params]
-    block_params = set(model.model.layers.parameters())
-    for p in params:  # gradients only where they are scored
-        p.requires_grad_(p in block_params)
-    try:
-        for ids in tqdm(list(_batches(calib, batch_size, _device(model))), desc="taylor", unit="batch", leave=False):
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        scores = []
-        for layer in model.model.layers:
-            total = 0.0
-            for p in layer.parameters():
-                total += (p.detach().float() * p.grad.float()).abs().sum().item()
-            scores.append(total)
-    finally:
-        for p, flag in zip(params, was_trainable):
-            p.grad = None
-            p.requires_grad_(flag)
-    return scores
+    scores = width_taylor_scores(model, calib, batch_size)
+    if memo is not None:
+        memo["width_taylor"] = scores
+    return scores["layers"].tolist()
 
 
 @torch.no_grad()
@@ -266,7 +254,8 @@ def block_scores(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
 
     `n` is the number of blocks that will be removed (angular's span length, sleb's steps).
     `memo` (optional) keeps scores already computed on this model and data so that
-    `ppl+` and `taylor+` reuse those of `ppl` and `taylor`, and sleb its first step.
+    `ppl+` and `taylor+` reuse those of `ppl` and `taylor`, sleb its first step, and the
+    width `taylor` criterion the gradient pass of the block one (`memo["width_taylor"]`).
     """
     if criterion not in BLOCK_CRITERIA:
         raise ShearError(f"unknown block criterion {criterion!r}; valid: {', '.join(BLOCK_CRITERIA)}")
@@ -279,7 +268,7 @@ def block_scores(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
     elif base == "ppl":
         scores = ppl_scores(model, calib, batch_size, memo=memo)
     elif base == "taylor":
-        scores = taylor_scores(model, calib, batch_size)
+        scores = taylor_scores(model, calib, batch_size, memo)
     elif base == "magnitude":
         scores = magnitude_scores(model)
     elif base == "bi":
