@@ -12,8 +12,9 @@ same process:
   lm-eval      shear_foldoc_mc on `--task-docs` documents at each lm-eval batch size
   score        the score stage's default criteria on its calibration set (params.yaml `score`),
                each criterion's CPU time, with the calibration states shared (as the stage
-               does) and, alternated, recomputed by each of ppl, bi and angular (as before,
-               less one forward pass: the unpruned perplexity then used its own)
+               does) and, alternated, recomputed by each of ppl, bi and angular and the width
+               Taylor gradient taken again (as before, less one forward pass: the unpruned
+               perplexity then used its own)
 
 Needs data/models/{base,pruned}, data/shards and data/heldout (a finished `dvc repro`).
 Writes bench/results/default_run_budget.json (with the machine and its load average).
@@ -51,7 +52,8 @@ def cpu_timed(fn):
 
 def score_costs(model, tokenizer, shared: bool) -> dict[str, float]:
     """CPU seconds of each default block and width criterion, in the stage's order, one memo;
-    `shared=False` drops the cached calibration states before each criterion (the old cost)."""
+    `shared=False` drops the cached calibration states before each criterion and computes the
+    width Taylor scores again (the old cost, less the unpruned perplexity's own pass)."""
     sc = load_params("params.yaml").score
     calib = calibration_batch("data/shards", sc.calib_sequences, sc.calib_seq_len, tokenizer)
     memo, costs = {}, {}
@@ -62,7 +64,9 @@ def score_costs(model, tokenizer, shared: bool) -> dict[str, float]:
                                                    keep_first=sc.keep_first, keep_last=sc.keep_last, memo=memo))
         costs[f"block {criterion}"] = cpu
     for criterion in sc.width_criteria:
-        _, costs[f"width {criterion}"], _ = cpu_timed(lambda: width_scores(model, calib, criterion, sc.batch_size))  # noqa: B023
+        kept = memo.get(f"width_{criterion}") if shared else None  # as stages/score.py
+        _, costs[f"width {criterion}"], _ = cpu_timed(
+            lambda c=criterion, k=kept: k if k is not None else width_scores(model, calib, c, sc.batch_size))
     print(f"score ({'shared' if shared else 'recomputed'} states): {sum(costs.values()):.1f} s CPU {costs}", flush=True)
     return costs
 
