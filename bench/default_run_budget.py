@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
             for n, k in ((128, args.rows_128), (1024, args.rows_1024))}
     perplexity(base, rows[128][:2], 2)  # untimed: first-call allocations
     out: dict = {"forward": {"base": [], "pruned": []}, "ppl": {}, "lm_eval": {}, "score": {"shared": [], "recomputed": []}}
-    for _ in range(args.repeats):
-        for shared in ((True, False) if "score" in args.sections else ()):
+    for r in range(args.repeats):
+        # the arms in alternating order: the first run of the ppl criterion in a process is slower
+        order = (True, False) if r % 2 == 0 else (False, True)
+        for shared in (order if "score" in args.sections else ()):
             out["score"]["shared" if shared else "recomputed"].append(score_costs(base, tok, shared))
         for name, model in ((("base", base), ("pruned", pruned)) if "forward" in args.sections else ()):
             with torch.no_grad():
