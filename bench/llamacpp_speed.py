@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 
-from shear.evaluate import tokenizer_adds_bos
+from shear.evaluate import perplexity, tokenizer_adds_bos
 from shear.export import (
     check_file,
     export_gguf,
     llama_cpp_speed_runs,
     open_llama_cpp,
+    read_gguf,
     reread_logits_error,
     speed_summary,
 )
@@ -142,12 +143,15 @@ def main(argv: list[str] | None = None) -> None:
             entry = {"model": name, "how": how, "non_embedding_params": count_parameters(model)["non_embedding"]}
             entry["ideal_speedup"] = ideal_speedup(results[0]["non_embedding_params"] if results else
                                                    entry["non_embedding_params"], entry["non_embedding_params"])
+            pipeline_ppl = perplexity(model, rows, batch_size=8, bos_token_id=bos)["ppl"]
             for fmt in args.formats:
                 path = Path(scratch) / f"{name}-{fmt}.gguf"
                 info = export_gguf(model, tok, path, fmt, {"method": name})
+                reread = read_gguf(path)
                 m = {"file_bytes": info["bytes"], "f16_fallback": info["f16_fallback"],
-                     "reread_logits_rel_error": reread_logits_error(model, path, rows[:2])}
-                m |= check_file(path, model, rows, bos, args.threads, rows[0, :32].tolist(), args.new_tokens)
+                     "reread_logits_rel_error": reread_logits_error(model, path, rows[:2], reread=reread)}
+                m |= check_file(path, pipeline_ppl, reread, rows, bos, args.threads, rows[0, :32].tolist(),
+                                args.new_tokens)
                 entry[fmt] = m
                 files[name, fmt] = path
                 print(f"   {fmt}: {info['bytes'] / 2**20:.1f} MiB, reread error {m['reread_logits_rel_error']:.2e}, "

@@ -340,17 +340,27 @@ def export_gguf(model, tokenizer, path: str | Path, fmt: str, record: dict[str, 
 # ----------------------------------------------------------------------------- readers
 
 
-def reread_logits_error(model, path: str | Path, rows: torch.Tensor, reference=None) -> float:
-    """||logits(file read by transformers' GGUF loader) - logits(reference)|| / ||logits(reference)||
-    (Frobenius norms over every position and vocabulary entry).
+def read_gguf(path: str | Path):
+    """The model of a GGUF file as transformers' GGUF loader reads it back (float32, eval mode).
 
-    `reference` defaults to `model`; pass a model whose weights are the format's dequantized
-    weights to check that the file loses nothing beyond the quantization itself.
+    Dequantizing and converting the tokenizer cost ~15-20 s of CPU at 135M parameters: a
+    caller checking one file in several ways reads it once and passes it on.
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    reread = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def reread_logits_error(model, path: str | Path, rows: torch.Tensor, reference=None, reread=None) -> float:
+    """||logits(file read by transformers' GGUF loader) - logits(reference)|| / ||logits(reference)||
+    (Frobenius norms over every position and vocabulary entry).
+
+    `reference` defaults to `model`; pass a model whose weights are the format's dequantized
+    weights to check that the file loses nothing beyond the quantization itself. `reread`:
+    the file already read by `read_gguf` (else it is read here).
+    """
+    reread = read_gguf(path) if reread is None else reread
     with torch.no_grad():
         want = (model if reference is None else reference)(rows).logits
         got = reread(rows).logits
@@ -452,28 +462,23 @@ def speed_summary(runs: list[tuple[float, float]]) -> dict:
     return out
 
 
-def check_file(path: str | Path, model, rows: torch.Tensor, bos_token_id: int | None, threads: int,
-               greedy_prompt: list[int], new_tokens: int) -> dict:
+def check_file(path: str | Path, pipeline_ppl: float, reread, rows: torch.Tensor, bos_token_id: int | None,
+               threads: int, greedy_prompt: list[int], new_tokens: int) -> dict:
     """llama.cpp against the pipeline on one exported file: perplexity on `rows` next to the
-    pipeline's (the checkpoint `model` in float32, shear.evaluate.perplexity, same rows and BOS),
-    and the greedy continuation of `greedy_prompt` next to transformers' on the same file's weights."""
-    from transformers import AutoModelForCausalLM
-
-    from shear.evaluate import perplexity
-
+    pipeline's `pipeline_ppl` (the checkpoint in float32, shear.evaluate.perplexity, same rows and
+    BOS: one figure per checkpoint, whatever the format), and the greedy continuation of
+    `greedy_prompt` next to transformers' on the same file's weights (`reread`, from `read_gguf`)."""
     path = Path(path)
     llm = open_llama_cpp(path, threads=threads, n_ctx=max(rows.shape[1] + 1, len(greedy_prompt) + new_tokens + 8),
                          logits_all=True)
     theirs = llama_cpp_perplexity(llm, rows.numpy(), bos_token_id)
-    ours = perplexity(model, rows, batch_size=8, bos_token_id=bos_token_id)
-    reread = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     want = reread.generate(torch.tensor([greedy_prompt]), max_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=0)[0, len(greedy_prompt):].tolist()
     got = llama_cpp_greedy(llm, greedy_prompt, new_tokens)
     llm.close()
     return {
-        "ppl_llama_cpp": theirs["ppl"], "ppl_pipeline": ours["ppl"],
-        "ppl_rel_diff": theirs["ppl"] / ours["ppl"] - 1, "ppl_tokens": theirs["tokens"],
+        "ppl_llama_cpp": theirs["ppl"], "ppl_pipeline": pipeline_ppl,
+        "ppl_rel_diff": theirs["ppl"] / pipeline_ppl - 1, "ppl_tokens": theirs["tokens"],
         "greedy_agree_tokens": next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want)),
         "greedy_tokens": len(want),
     }

@@ -13,12 +13,13 @@ import tempfile
 from pathlib import Path
 
 from shear.data import calibration_batch
-from shear.evaluate import tokenizer_adds_bos
+from shear.evaluate import perplexity, tokenizer_adds_bos
 from shear.export import (
     check_file,
     export_gguf,
     llama_cpp_speed_runs,
     open_llama_cpp,
+    read_gguf,
     reread_logits_error,
     speed_summary,
 )
@@ -44,14 +45,18 @@ def main(params, args):
             bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
             prompt = rows[0, : ex.speed.greedy_prompt_tokens].tolist()
             entry = {"non_embedding_params": non_embedding, "ideal_speedup": ideal_speedup(dense, non_embedding)}
+            # the checkpoint's perplexity on these rows: one figure for every format's comparison
+            pipeline_ppl = perplexity(model, rows, batch_size=8, bos_token_id=bos)["ppl"] if has_llama_cpp else None
             for fmt in ex.formats:
                 folder = out if name in ex.models else Path(scratch)
-                info = export_gguf(model, tokenizer, folder / f"{name}-{fmt}.gguf", fmt, record, name=f"shear-{name}")
+                path = folder / f"{name}-{fmt}.gguf"
+                info = export_gguf(model, tokenizer, path, fmt, record, name=f"shear-{name}")
+                reread = read_gguf(path)  # read back once for the logits and the greedy check
                 row = {"file_bytes": info["bytes"], "f16_fallback_tensors": len(info["f16_fallback"]),
-                       "reread_logits_rel_error": reread_logits_error(model, folder / f"{name}-{fmt}.gguf", rows[:2])}
+                       "reread_logits_rel_error": reread_logits_error(model, path, rows[:2], reread=reread)}
                 if has_llama_cpp:
-                    path, sp = folder / f"{name}-{fmt}.gguf", ex.speed
-                    row |= check_file(path, model, rows, bos, ex.threads, prompt, sp.new_tokens)
+                    sp = ex.speed
+                    row |= check_file(path, pipeline_ppl, reread, rows, bos, ex.threads, prompt, sp.new_tokens)
                     llm = open_llama_cpp(path, ex.threads, n_ctx=sp.prompt_tokens + sp.new_tokens + 8)
                     row |= speed_summary(llama_cpp_speed_runs(llm, sp.prompt_tokens, sp.new_tokens, sp.repeats,
                                                               model.config.vocab_size))

@@ -50,7 +50,8 @@ def main(params, args):
             plot_block_scores(record, tmp / f"block_{criterion}.png")
             print(f"score: {criterion:9s} removes blocks {removed_by(record)} of {L}")
         for criterion in score.width_criteria:
-            scores = width_fn(model, calib, criterion, score.batch_size) if width_fn else None
+            # whole-model taylor: computed with the block taylor scores, from the same backward pass
+            scores = width_fn(model, calib, criterion, score.batch_size) if width_fn else memo.get(f"width_{criterion}")
             write_width_scores(skeleton, calib, criterion, tmp, tensors, score.batch_size, scores=scores)
             print(f"score: width {criterion} written")
 

@@ -8,6 +8,7 @@ from shear.importance.blocks import (angular_scores, bi_scores, block_states, ma
                                      ppl_scores, ppl_scores_loop, random_scores, removed_by, score_blocks, sleb_scores,
                                      taylor_scores, unpruned_ppl)
 from shear.models import make_tiny_model
+from shear.nll import logits_nll
 from shear.prune.depth import blocks_removed, remove_blocks
 from tests.conftest import stdlib_texts
 
@@ -181,3 +182,33 @@ def test_plus_criteria_protect_and_reuse_scores(trained, tmp_path):
 def test_unknown_criterion_is_refused(tiny):
     with pytest.raises(ShearError, match="unknown block criterion 'ppl2'"):
         score_blocks(tiny[0], torch.zeros(1, 8, dtype=torch.long), "ppl2", n=1, batch_size=1)
+
+
+def test_criteria_share_one_forward_pass_and_give_the_same_scores(trained):
+    model, calib = trained
+    alone = {c: score_blocks(model, calib, c, n=2, batch_size=4) for c in ("ppl", "bi", "angular")}
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        memo = {}
+        shared = {c: score_blocks(model, calib, c, n=2, batch_size=4, memo=memo) for c in ("ppl", "bi", "angular")}
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # block 0 ran once per calibration batch (8 rows, batches of 4), no more
+    assert shared == alone
+    # the unpruned perplexity from the cached states equals the model's own forward
+    by_forward = sum(logits_nll(model(input_ids=calib[i:i + 4]).logits, calib[i:i + 4]).item() for i in (0, 4))
+    assert shared["ppl"]["unpruned_ppl"] == pytest.approx(math.exp(by_forward / (8 * 47)), rel=1e-6)
+
+
+def test_block_taylor_keeps_the_width_taylor_scores_of_its_backward_pass(trained):
+    from shear.importance.width import width_taylor_scores
+
+    model, calib = trained
+    memo = {}
+    record = score_blocks(model, calib, "taylor", n=2, batch_size=4, memo=memo)
+    alone = width_taylor_scores(model, calib, batch_size=4)  # what the width criterion computed by itself
+    assert set(memo["width_taylor"]) == set(alone)
+    for key, value in alone.items():
+        torch.testing.assert_close(memo["width_taylor"][key], value, rtol=1e-5, atol=0)
+    assert record["scores"] == pytest.approx(alone["layers"].tolist(), rel=1e-6)

@@ -16,6 +16,9 @@ Fast perplexity: the hidden state entering block i is the same whether or not a 
 block is removed, so one forward pass caches every block's input, and the model without
 block i is scored by running only blocks i+1.. from the cached input of block i: about
 half the work of the straightforward loop (`ppl_scores_loop`), with identical numbers.
+That one forward pass is shared: `calibration_states` keeps it in the stage's memo, so ppl,
+bi, angular and the unpruned perplexity (the last block's output through the final norm and
+the head) cost one pass between them, as layer-by-layer scoring does.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from shear.config import BLOCK_CRITERIA
 from shear.errors import ShearError
+from shear.importance.width import width_taylor_scores
 from shear.models import lm_logits
 from shear.nll import logits_nll
 from shear.plots import pyplot, save_png
@@ -66,6 +70,21 @@ def block_states(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return states
 
 
+def calibration_states(model, calib: torch.Tensor, batch_size: int,
+                       memo: dict | None = None) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(ids, block_states(ids)) of every calibration batch; computed once per `memo`.
+
+    The states of the model as it is: criteria that score a changed model (sleb's later
+    steps) pass no memo. Memory: (L + 1) hidden states per calibration token.
+    """
+    if memo is not None and "states" in memo:
+        return memo["states"]
+    states = [(ids, block_states(model, ids)) for ids in _batches(calib, batch_size, _device(model))]
+    if memo is not None:
+        memo["states"] = states
+    return states
+
+
 def _suffix_nll(model, hidden: torch.Tensor, first: int, ids: torch.Tensor) -> torch.Tensor:
     """NLL of `ids` when `hidden` enters block `first` and the blocks from there on run.
 
@@ -78,12 +97,12 @@ def _suffix_nll(model, hidden: torch.Tensor, first: int, ids: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def ppl_scores(model, calib: torch.Tensor, batch_size: int, progress: bool = True) -> list[float]:
+def ppl_scores(model, calib: torch.Tensor, batch_size: int, progress: bool = True,
+               memo: dict | None = None) -> list[float]:
     """Perplexity of the model with each block removed, from cached prefixes (fast path)."""
     L = model.config.num_hidden_layers
     nll = torch.zeros(L, dtype=torch.float64)
-    for ids in _batches(calib, batch_size, _device(model)):
-        states = block_states(model, ids)
+    for ids, states in calibration_states(model, calib, batch_size, memo):
         for i in tqdm(range(L), desc="ppl (fast)", unit="block", leave=False, disable=not progress):
             # without block i, block i+1 receives what block i received
             nll[i] += _suffix_nll(model, states[i], i + 1, ids).item()
@@ -105,11 +124,13 @@ def ppl_scores_loop(model, calib: torch.Tensor, batch_size: int, progress: bool 
 
 
 @torch.no_grad()
-def unpruned_ppl(model, calib: torch.Tensor, batch_size: int) -> float:
-    """Perplexity of the model as it is, on the same calibration rows."""
+def unpruned_ppl(model, calib: torch.Tensor, batch_size: int, memo: dict | None = None) -> float:
+    """Perplexity of the model as it is, on the same calibration rows: the last block's output
+    through the final norm and the head, as the fast path scores a model without a block."""
+    L = model.config.num_hidden_layers
     nll = 0.0
-    for ids in _batches(calib, batch_size, _device(model)):
-        nll += logits_nll(model(input_ids=ids, use_cache=False).logits, ids).item()
+    for ids, states in calibration_states(model, calib, batch_size, memo):
+        nll += _suffix_nll(model, states[L], L, ids).item()
     return math.exp(nll / (calib.shape[0] * (calib.shape[1] - 1)))
 
 
@@ -145,32 +166,19 @@ def sleb_greedy(num_layers: int, n: int, step_scores: Callable[[list[int]], list
     return scores, order
 
 
-def taylor_scores(model, calib: torch.Tensor, batch_size: int) -> list[float]:
+def taylor_scores(model, calib: torch.Tensor, batch_size: int, memo: dict | None = None) -> list[float]:
     """First-order Taylor importance: sum over the block's parameters of |W * dL/dW|.
 
-    As in Shortened LLaMA's code: the gradient of the LM loss is accumulated over the
-    calibration batches, each element's first-order term W * g is taken in absolute value
-    and summed within each weight matrix (and norm vector), then summed over the block.
+    As in Shortened LLaMA's code: the gradient of the LM loss (here its mean over the
+    calibration sequences) is taken, each element's first-order term W * g is taken in
+    absolute value and summed over the block. That is the `layers` entry of LLM-Pruner's
+    width Taylor scores, which come from the same gradient: one backward pass gives both,
+    and `memo["width_taylor"]` keeps the width scores for the width criterion.
     """
-    params = list(model.parameters())
-    was_trainable = [p.requires_grad for p in params]
-    block_params = set(model.model.layers.parameters())
-    for p in params:  # gradients only where they are scored
-        p.requires_grad_(p in block_params)
-    try:
-        for ids in tqdm(list(_batches(calib, batch_size, _device(model))), desc="taylor", unit="batch", leave=False):
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        scores = []
-        for layer in model.model.layers:
-            total = 0.0
-            for p in layer.parameters():
-                total += (p.detach().float() * p.grad.float()).abs().sum().item()
-            scores.append(total)
-    finally:
-        for p, flag in zip(params, was_trainable):
-            p.grad = None
-            p.requires_grad_(flag)
-    return scores
+    scores = width_taylor_scores(model, calib, batch_size)
+    if memo is not None:
+        memo["width_taylor"] = scores
+    return scores["layers"].tolist()
 
 
 @torch.no_grad()
@@ -185,12 +193,11 @@ def block_magnitude(layer) -> float:
 
 
 @torch.no_grad()
-def bi_scores(model, calib: torch.Tensor, batch_size: int) -> list[float]:
+def bi_scores(model, calib: torch.Tensor, batch_size: int, memo: dict | None = None) -> list[float]:
     """ShortGPT block influence: 1 - cosine(input, output) of each block, averaged over all tokens."""
     L = model.config.num_hidden_layers
     cos_sum, count = torch.zeros(L, dtype=torch.float64), 0
-    for ids in _batches(calib, batch_size, _device(model)):
-        states = block_states(model, ids)
+    for ids, states in calibration_states(model, calib, batch_size, memo):
         for i in range(L):
             cos_sum[i] += cosine_sum(states[i], states[i + 1])
         count += ids.numel()
@@ -217,7 +224,8 @@ def angular_from_distances(dist: list[float], num_layers: int, n: int) -> tuple[
 
 
 @torch.no_grad()
-def angular_scores(model, calib: torch.Tensor, batch_size: int, n: int) -> tuple[list[float], list[int]]:
+def angular_scores(model, calib: torch.Tensor, batch_size: int, n: int,
+                   memo: dict | None = None) -> tuple[list[float], list[int]]:
     """Gromov et al.: remove the n consecutive blocks whose input and output are closest.
 
     d(l) = arccos(cos(x_l, x_{l+n})) / pi on the last token of each sequence, averaged
@@ -227,8 +235,7 @@ def angular_scores(model, calib: torch.Tensor, batch_size: int, n: int) -> tuple
     """
     L = model.config.num_hidden_layers
     dist, count = torch.zeros(L - n + 1, dtype=torch.float64), 0
-    for ids in _batches(calib, batch_size, _device(model)):
-        states = block_states(model, ids)
+    for ids, states in calibration_states(model, calib, batch_size, memo):
         for start in range(L - n + 1):
             dist[start] += angular_distance_sum(states[start], states[start + n])
         count += ids.shape[0]
@@ -247,7 +254,8 @@ def block_scores(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
 
     `n` is the number of blocks that will be removed (angular's span length, sleb's steps).
     `memo` (optional) keeps scores already computed on this model and data so that
-    `ppl+` and `taylor+` reuse those of `ppl` and `taylor`, and sleb its first step.
+    `ppl+` and `taylor+` reuse those of `ppl` and `taylor`, sleb its first step, and the
+    width `taylor` criterion the gradient pass of the block one (`memo["width_taylor"]`).
     """
     if criterion not in BLOCK_CRITERIA:
         raise ShearError(f"unknown block criterion {criterion!r}; valid: {', '.join(BLOCK_CRITERIA)}")
@@ -258,15 +266,15 @@ def block_scores(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
     if base in memo:
         scores = memo[base]
     elif base == "ppl":
-        scores = ppl_scores(model, calib, batch_size)
+        scores = ppl_scores(model, calib, batch_size, memo=memo)
     elif base == "taylor":
-        scores = taylor_scores(model, calib, batch_size)
+        scores = taylor_scores(model, calib, batch_size, memo)
     elif base == "magnitude":
         scores = magnitude_scores(model)
     elif base == "bi":
-        scores = bi_scores(model, calib, batch_size)
+        scores = bi_scores(model, calib, batch_size, memo)
     elif base == "angular":
-        scores, record["span"] = angular_scores(model, calib, batch_size, n)
+        scores, record["span"] = angular_scores(model, calib, batch_size, n, memo)
     elif base == "sleb":
         scores, record["removal_order"] = sleb_scores(model, calib, batch_size, n, first=memo.get("ppl"))
     else:  # random
@@ -286,7 +294,7 @@ def score_blocks(model, calib: torch.Tensor, criterion: str, *, n: int, batch_si
     memo = {} if memo is None else memo
     scores, extras = block_scores(model, calib, criterion, n=n, batch_size=batch_size, seed=seed, memo=memo)
     if criterion.rstrip("+") in ("ppl", "sleb") and "unpruned_ppl" not in memo:
-        memo["unpruned_ppl"] = unpruned_ppl(model, calib, batch_size)
+        memo["unpruned_ppl"] = unpruned_ppl(model, calib, batch_size, memo)
     return block_record(criterion, scores, extras, memo, calib, n=n, keep_first=keep_first, keep_last=keep_last)
 
 
