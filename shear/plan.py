@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 
 from shear.errors import ShearError
+from shear.nll import LOGITS_CHUNK
 from shear.speed import kv_cache_bytes
 
 GiB = 2**30
 # CPU: RSS of a stage process after importing torch, transformers and shear (0.37 GiB measured, see
 # bench/results/memory_plan.md) plus allocator slack; CUDA: context, cuBLAS/cuDNN workspaces
 RUNTIME_BYTES = {"cpu": int(0.4 * GiB), "cuda": 1 * GiB}
-LOGITS_CHUNK = 2048  # positions per lm_head call in shear.evaluate.perplexity
 PROCESS_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -212,7 +212,9 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
     s = model_shape(config)
     w = 2 if dtype == torch.bfloat16 else 4
     cuda = device_type == "cuda"
-    act = 2 if cuda else 4  # bf16 autocast on CUDA, float32 on CPU
+    # activations follow the run dtype: bf16 weights compute in bf16, and training runs under bf16
+    # autocast exactly when the run dtype is bf16 (shear.trainer.make_accelerator)
+    act = w
     runtime = RUNTIME_BYTES["cuda" if cuda else "cpu"]
     plans: dict[str, StagePlan] = {}
 
@@ -350,6 +352,23 @@ def check_stage(stage: str, params, model_dir: str | Path, device: torch.device)
     device_bytes = device_memory(device)
     plan = plan_stages(params, config, resolve_dtype(params.run.dtype, device), device.type, device_bytes)[stage]
     check_fits(plan, device_bytes, what_to_change(stage, plan, params))
+    return plan
+
+
+def check_speed(params, model_dirs: list[str | Path], device: torch.device) -> StagePlan:
+    """The speed stage's plan: it holds every model of `model_dirs` at once (their timed runs are
+    interleaved), so their weights add up; the KV cache and activations of one timed run at a
+    time come on top. Stops with one line when it does not fit, before any model is loaded."""
+    from shear.models import read_config, resolve_dtype
+
+    device_bytes = device_memory(device)
+    dtype = resolve_dtype(params.run.dtype, device)
+    each = [plan_stages(params, read_config(d), dtype, device.type, device_bytes)["speed"].memory for d in model_dirs]
+    plan = StagePlan("speed", Memory(
+        weights=sum(m.weights for m in each), kv_cache=max(m.kv_cache for m in each),
+        activations=max(m.activations for m in each), runtime=each[0].runtime), micro_batch=max(params.evaluate.speed.batch_sizes))
+    plan.notes.append(f"{len(each)} models held at once")
+    check_fits(plan, device_bytes, what_to_change("speed", plan, params))
     return plan
 
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from shear.errors import ShearError
 from shear.io import atomic_file, read_json, trim_logs
-from shear.models import pick_device
+from shear.models import pick_device, resolve_dtype
 
 FINAL_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate
 SHARD_BYTES = 1 << 30  # the most a save holds twice on disk: one shard
@@ -60,12 +60,14 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accel
 # ----------------------------------------------------------------------------- launch and plan
 
 
-def make_accelerator(device: str = "auto"):
-    """An `accelerate.Accelerator` for `run.device`: bf16 autocast on CUDA, gloo processes on CPU."""
+def make_accelerator(device: str = "auto", dtype: str = "auto"):
+    """An `accelerate.Accelerator` for `run.device` (gloo processes on CPU), with bf16 autocast
+    when `run.dtype` resolves to bfloat16 (auto: on CUDA). The trained weights stay float32."""
     from accelerate import Accelerator
 
-    cuda = pick_device(device).type == "cuda"
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    target = pick_device(device)
+    bf16 = resolve_dtype(dtype, target) == torch.bfloat16
+    return Accelerator(cpu=target.type != "cuda", mixed_precision="bf16" if bf16 else "no")
 
 
 def launched() -> bool:

@@ -8,15 +8,18 @@ from shear.data import calibration_batch
 from shear.errors import ShearError
 from shear.importance.blocks import block_scores
 from shear.io import read_json
-from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
+from shear.models import block_parameters, count_parameters, load_model, pick_device, resolve_dtype, save_model
 from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORES, SHARDS
+from shear.plan import check_stage
 from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
                                select_blocks, target_setting)
 
 
 def main(params, args):
     depth, score = params.prune.depth, params.score
-    model, tokenizer, base_record = load_model(BASE_MODEL, device=pick_device(params.run.device))
+    device = pick_device(params.run.device)
+    check_stage("prune", params, BASE_MODEL, device)
+    model, tokenizer, base_record = load_model(BASE_MODEL, dtype=resolve_dtype(params.run.dtype, device), device=device)
     L = model.config.num_hidden_layers
     scores_path = SCORES / f"block_{depth.criterion}.json"
     record = read_json(scores_path)

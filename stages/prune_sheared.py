@@ -46,7 +46,7 @@ def main(params, args):
 
     # Everything is validated before the first write: a failing run leaves the previous
     # outputs, checkpoint and learning curves as they were.
-    accelerator = make_accelerator(params.run.device)
+    accelerator = make_accelerator(params.run.device, params.run.dtype)
     is_main = accelerator.is_main_process
     plan = plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,
                     accelerator.num_processes, sheared.lr_warmup_fraction)

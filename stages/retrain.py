@@ -30,12 +30,14 @@ then `dvc commit retrain` on node 0 records the outputs in dvc.lock.
 import dataclasses
 import shutil
 
+import torch
+
 from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
 from shear.errors import ShearError
 from shear.io import atomic_dir, model_digest, recover_dir, run_hash, write_json
 from shear.mixture import build_sampler, domain_losses, heldout_rows, plot_weights, reference_losses
-from shear.models import load_model, pick_device, save_model
+from shear.models import load_model, pick_device, resolve_dtype, save_model
 from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
                          SHARDS)
 from shear.plan import check_stage
@@ -46,7 +48,8 @@ from shear.trainer import (check_seq_len, check_train_tokens, launched, make_acc
 
 def copy_pruned(params) -> None:
     """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
-    model, tokenizer, record = load_model(PRUNED_MODEL)
+    device = pick_device(params.run.device)
+    model, tokenizer, record = load_model(PRUNED_MODEL, dtype=resolve_dtype(params.run.dtype, device), device=device)
     losses = domain_losses(model, heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN))
     with atomic_dir(RETRAINED_MODEL) as tmp:
         for f in PRUNED_MODEL.iterdir():
@@ -80,18 +83,21 @@ def main(params, args):
 
     # Everything is validated before the first write: a failing run leaves the previous
     # outputs, checkpoint and learning curves as they were.
-    accelerator = make_accelerator(params.run.device)
+    accelerator = make_accelerator(params.run.device, params.run.dtype)
     is_main = accelerator.is_main_process
     plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
              accelerator.num_processes, retrain.warmup_fraction)
     if retrain.distill > 0:
         require_teacher(BASE_MODEL)
-    model, tokenizer, record = load_model(PRUNED_MODEL)
+    # LoRA: the frozen base in the run dtype (bf16 on CUDA), peft's adapters float32; CPT trains
+    # every weight, so it keeps float32 master weights and computes under bf16 autocast
+    dtype = resolve_dtype(params.run.dtype, accelerator.device) if retrain.method == "lora" else torch.float32
+    model, tokenizer, record = load_model(PRUNED_MODEL, dtype=dtype)
     check_seq_len("retrain", retrain.seq_len, model.config)
     check_seq_len("retrain (held-out rows)", HELDOUT_SEQ_LEN, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
     check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
-    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.distill > 0 else None
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device, params.run.dtype) if retrain.distill > 0 else None
 
     kind = params.mixture_kind()
     dynamic = kind == "dynamic"

@@ -172,3 +172,57 @@ def test_score_stage_in_bfloat16(repo, layerwise):
     record = json.loads((repo / "reports/scores/block_ppl.json").read_text())
     assert len(record["scores"]) == 4 and all(s > 1 for s in record["scores"])
     assert (repo / "reports/scores/width_activation.json").is_file()
+
+
+def test_prune_and_retrain_stages_in_bfloat16(repo, monkeypatch):
+    """run.dtype: bfloat16 on the CPU. Depth and width pruning load, cut and save in bf16; sheared
+    pruning and CPT train float32 master weights under bf16 autocast; LoRA trains float32 adapters
+    over a bf16 frozen base. Every written model loads and has the target shape."""
+    import argparse
+
+    from safetensors import safe_open
+
+    from shear.models import load_model
+    from stages import prune, retrain, score
+
+    def stored_dtypes(directory):
+        with safe_open(str(repo / directory / "model.safetensors"), framework="pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    args = argparse.Namespace(params="params.yaml")
+    train = {"batch_size": 2, "seq_len": 32, "tokens": 2 * 2 * 32}
+    params = small_params(run={"dtype": "bfloat16"}, data={"mixture": "fixed"},
+                          score={"block_criteria": ["ppl"], "width_criteria": ["activation"]},
+                          prune={"depth": {"criterion": "ppl", "ratio": None, "num_blocks": 1},
+                                 "target": {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2,
+                                            "num_key_value_heads": 1, "intermediate_size": 64},
+                                 "sheared": {**train, "checkpoint_every": 1}},
+                          retrain={**train, "eval_every": 1, "checkpoint_every": 1},
+                          mixture={"eval_sequences": 2})
+    score.main(params, args)
+    for method, kept_dtype in (("depth", "BF16"), ("width", "BF16"), ("sheared", "F32")):
+        params.prune.method = method
+        prune.main(params, args)
+        pruned, _, record = load_model("data/models/pruned")
+        assert stored_dtypes("data/models/pruned") == {kept_dtype}, method
+        assert pruned.config.num_hidden_layers == 3 and record["method"] == method
+    assert pruned.config.hidden_size == 32
+
+    seen = {}
+    real_train = retrain.train
+
+    def spy(model, sampler, cfg, accelerator, **kw):
+        seen[cfg.method] = (accelerator.mixed_precision,
+                            {(p.requires_grad, p.dtype) for p in model.parameters()})
+        return real_train(model, sampler, cfg, accelerator, **kw)
+
+    monkeypatch.setattr(retrain, "train", spy)
+    for method in ("lora", "cpt"):
+        params.retrain.method = method
+        retrain.main(params, args)
+        retrained, _, record = load_model("data/models/retrained")
+        assert record["retrain"]["method"] == method and stored_dtypes("data/models/retrained") == {"F32"}
+        assert retrained.config.hidden_size == 32
+    # LoRA: frozen bf16 base, trained float32 adapters; CPT: every weight float32 and trained
+    assert seen["lora"] == ("bf16", {(False, torch.bfloat16), (True, torch.float32)})
+    assert seen["cpt"] == ("bf16", {(True, torch.float32)})
