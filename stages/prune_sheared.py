@@ -81,7 +81,7 @@ def main(params, args):
         "seed": seed, "device": accelerator.device.type, "base": model_digest(BASE_MODEL),
         "shards": load_manifest(SHARDS),
     })
-    resume = read_checkpoint(PRUNE_CHECKPOINTS, fingerprint, "sheared", announce=is_main)
+    resume = read_checkpoint(PRUNE_CHECKPOINTS, fingerprint, "sheared", announce=is_main, stream=True)
     live = open_live(PRUNE_LOGS, resume["step"] if resume is not None else None) if is_main else None
     before = count_parameters(model)
     pruned, record = prune_sheared(

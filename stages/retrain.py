@@ -123,7 +123,7 @@ def main(params, args):
         "shards": load_manifest(SHARDS),
     }
     run_id = run_hash(settings)
-    resume = read_checkpoint(RETRAIN_CHECKPOINTS, run_id, "retrain", announce=is_main)
+    resume = read_checkpoint(RETRAIN_CHECKPOINTS, run_id, "retrain", announce=is_main, stream=True)
 
     live = open_live(RETRAIN_LOGS, resume["step"] if resume is not None else None) if is_main else None
     trained, summary = train(
