@@ -26,7 +26,7 @@ import torch
 
 from shear.config import load_params
 from shear.io import atomic_file, write_json
-from shear.models import load_model, offline, resolve_dtype
+from shear.models import load_model, offline, resolve_dtype, return_freed_memory
 from shear.plan import GiB, StagePlan, format_plan, plan_stages
 from shear.speed import machine_info
 
@@ -178,6 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     offline()
     if args.child:
+        return_freed_memory()  # as every stage does (shear.stage.run_stage)
         print("RESULT " + json.dumps(child(args.child, args.base, args.params, args.dtype)))
         return
 

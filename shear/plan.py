@@ -332,6 +332,9 @@ def what_to_change(stage: str, plan: StagePlan, params) -> str:
         return "lower evaluate.batch_size or the longest evaluate.ppl_seq_lens, or set run.dtype: bfloat16"
     if stage == "speed":
         return "lower the largest evaluate.speed.batch_sizes or set run.dtype: bfloat16"
+    if stage == "prune" and params.prune.method != "sheared":
+        return (f"{params.prune.method} pruning holds only the weights ({plan.memory.weights / GiB:.1f} GiB): "
+                "set run.dtype: bfloat16 or run.device: cpu (host memory)")
     section = "prune.sheared" if stage == "prune" else "retrain"
     if plan.processes == 0:
         return f"it does not fit at any process count up to {PROCESS_COUNTS[-1]} even at micro-batch 1"

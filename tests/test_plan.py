@@ -106,23 +106,53 @@ def repo(tmp_path, monkeypatch, shards):
     return tmp_path
 
 
-@pytest.mark.parametrize("stage", ["score", "evaluate"])
-def test_stage_that_does_not_fit_stops_first_and_writes_nothing(repo, monkeypatch, stage, capsys):
+@pytest.mark.parametrize("stage,what_to_change", [
+    ("score", "taylor"), ("evaluate", "evaluate.batch_size"), ("speed", "evaluate.speed.batch_sizes"),
+    ("depth", "set run.dtype: bfloat16"), ("width", "set run.dtype: bfloat16")])
+def test_stage_that_does_not_fit_stops_first_and_writes_nothing(repo, monkeypatch, stage, what_to_change):
     import argparse
+    import shutil
 
-    from stages import evaluate, score
+    from stages import evaluate, prune, score, speed
 
+    for name in ("pruned", "retrained"):  # the speed stage holds all three models at once
+        shutil.copytree(repo / "data/models/base", repo / f"data/models/{name}")
     monkeypatch.setattr(plan, "device_memory", lambda device: 10**6)
-    params = small_params(score={"block_criteria": ["ppl", "taylor"]})
+    params = small_params(score={"block_criteria": ["ppl", "taylor"], "width_criteria": ["activation"]},
+                          prune={"method": stage if stage in ("depth", "width") else "depth"})
     with pytest.raises(ShearError) as e:
         if stage == "score":
             score.main(params, argparse.Namespace())
-        else:
+        elif stage == "evaluate":
             evaluate.main(params, argparse.Namespace(model="base"))
+        elif stage == "speed":
+            speed.main(params, argparse.Namespace())
+        else:
+            prune.main(params, argparse.Namespace())
     message = str(e.value)
-    assert "\n" not in message and "GiB per device" in message
-    assert ("taylor" in message) if stage == "score" else ("evaluate.batch_size" in message)
+    assert "\n" not in message and "GiB per device" in message and what_to_change in message
     assert not (repo / "reports").exists()
+    assert sorted(p.name for p in (repo / "data/models").iterdir()) == ["base", "pruned", "retrained"]
+    assert not (repo / "data/checkpoints").exists()
+
+
+def test_speed_plan_holds_every_model_at_once(repo, monkeypatch):
+    """The speed stage's check adds the weights of base, pruned and retrained (they are timed in one process)."""
+    from shear.models import load_model, read_config
+    from shear.prune.depth import remove_blocks
+
+    model, tok, _ = load_model(repo / "data/models/base")
+    remove_blocks(model, [0, 1])
+    save_model(model, tok, repo / "data/models/pruned", {"method": "depth"})
+    params = small_params()
+    dirs = [repo / f"data/models/{n}" for n in ("base", "pruned", "pruned")]
+    both = plan.check_speed(params, dirs, torch.device("cpu"))
+    single = [plan_stages(params, read_config(d), torch.float32, "cpu", 64 * GiB)["speed"].memory for d in dirs[:2]]
+    assert both.memory.weights == single[0].weights + 2 * single[1].weights
+    assert both.memory.kv_cache == single[0].kv_cache and both.memory.runtime == RUNTIME
+    monkeypatch.setattr(plan, "device_memory", lambda device: both.memory.total - 1)
+    with pytest.raises(ShearError, match="speed: needs"):
+        plan.check_speed(params, dirs, torch.device("cpu"))
 
 
 def test_score_stage_runs_layer_by_layer_when_the_model_does_not_fit(repo, monkeypatch, capsys):
