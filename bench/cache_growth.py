@@ -1,12 +1,12 @@
 """`.dvc/cache` growth of one CPT experiment, with training checkpoints cached (before) and not (now).
 
-For each variant a scratch git + DVC copy of the repository is made with the tiny pipeline of
-tests/test_pipeline.py (tiny random base model, stdlib text) and `retrain.method: cpt`; the
-"before" copy's dvc.yaml caches the checkpoint outs again (`{persist: true}` instead of
-`{persist: true, cache: false}`: only that copy is edited). `dvc repro` runs the baseline, then
-one experiment `dvc exp run -S retrain.lr=...` re-runs retrain and what follows it; the cache
-is measured before and after the experiment and the new objects are attributed to the outs
-of the experiment's dvc.lock. Writes bench/results/cache_growth.{json,md}.
+A scratch git + DVC copy of the repository with the tiny pipeline of tests/test_pipeline.py
+(tiny random base model, stdlib text) and `retrain.method: cpt`, whose dvc.yaml caches the
+checkpoint outs as before (`{persist: true}`), runs `dvc repro` once and is committed. A copy of
+it commits the change measured (`{persist: true, cache: false}`, as dvc.yaml has now). Each then
+runs one experiment `dvc exp run -S retrain.lr=...` (retrain and what follows it); the cache is
+measured before and after and the new objects are attributed to the outs of the experiment's
+dvc.lock. Only the scratch copies are edited. Writes bench/results/cache_growth.{json,md}.
 
     python -m bench.cache_growth [--scratch /tmp/cache_growth]
 """
@@ -38,8 +38,9 @@ def sh(cmd: str, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-def make_repo(root: Path, cached_checkpoints: bool) -> Path:
-    """A git + DVC copy of the repository with the tiny CPT pipeline (the test's, method cpt)."""
+def make_repo(root: Path) -> Path:
+    """A git + DVC copy of the repository with the tiny CPT pipeline (the test's, method cpt) whose
+    dvc.yaml caches the training checkpoints, as before they became `cache: false`."""
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -49,11 +50,7 @@ def make_repo(root: Path, cached_checkpoints: bool) -> Path:
          if src.is_dir() else shutil.copy(src, root / name))
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
     dvc["stages"]["corpus"]["deps"].append("texts")
-    for stage in dvc["stages"].values():
-        for i, out in enumerate(stage.get("outs", [])):
-            if isinstance(out, dict) and next(iter(out)) in CHECKPOINT_OUTS and cached_checkpoints:
-                stage["outs"][i] = {next(iter(out)): {"persist": True}}  # as before: cached
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(checkpoint_outs(dvc, cached=True), sort_keys=False))
     params = json.loads(json.dumps(TINY_PARAMS))
     params["retrain"]["method"] = "cpt"
     (root / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
@@ -63,6 +60,15 @@ def make_repo(root: Path, cached_checkpoints: bool) -> Path:
         (root / "texts" / f"{i:02d}.txt").write_text("\n".join(lines) + "\n")
     sh("git init -q && git add -A && git commit -qm init", root)
     return root
+
+
+def checkpoint_outs(dvc: dict, cached: bool) -> dict:
+    """dvc.yaml with the training checkpoint outs `{persist: true}` (cached) or `{persist: true, cache: false}`."""
+    for stage in dvc["stages"].values():
+        for i, out in enumerate(stage.get("outs", [])):
+            if isinstance(out, dict) and next(iter(out)) in CHECKPOINT_OUTS:
+                stage["outs"][i] = {next(iter(out)): {"persist": True} if cached else {"persist": True, "cache": False}}
+    return dvc
 
 
 def cache_objects(root: Path) -> dict[str, int]:
@@ -93,19 +99,15 @@ def attribute(root: Path, new: dict[str, int]) -> dict[str, int]:
     return by_out
 
 
-def measure(root: Path, cached_checkpoints: bool) -> dict:
-    make_repo(root, cached_checkpoints)
-    t0 = time.perf_counter()
-    sh("dvc repro", root)
-    sh("git add -A && git commit -qm baseline", root)
+def experiment(root: Path, cached_checkpoints: bool) -> dict:
+    """One `dvc exp run` in `root`: the cache objects it added, by out."""
     before = cache_objects(root)
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     out = sh(f"dvc exp run -S {EXPERIMENT}", root)
     after = cache_objects(root)
     new = {k: v for k, v in after.items() if k not in before}
     checkpoint = sum(p.stat().st_size for p in (root / "data/checkpoints/retrain").rglob("*") if p.is_file())
-    return {"checkpoints_cached": cached_checkpoints, "baseline_s": round(t1 - t0, 1),
-            "experiment_s": round(time.perf_counter() - t1, 1),
+    return {"checkpoints_cached": cached_checkpoints, "experiment_s": round(time.perf_counter() - t0, 1),
             "stages_run": [ln.split("'")[1] for ln in out.splitlines() if ln.startswith("Running stage")],
             "cache_before_bytes": sum(before.values()), "cache_after_bytes": sum(after.values()),
             "growth_bytes": sum(new.values()), "new_objects": len(new), "growth_by_out": attribute(root, new),
@@ -117,11 +119,24 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/cache_growth", help="where the two scratch repositories go")
     args = parser.parse_args()
     scratch = Path(args.scratch)
+    # One baseline run with cached checkpoints, copied; the copy then gets the change this measures
+    # (checkpoints `cache: false`) as a commit, and each copy runs the same experiment.
+    before, now = scratch / "before", scratch / "now"
+    make_repo(before)
+    t0 = time.perf_counter()
+    sh("dvc repro", before)
+    sh("git add -A && git commit -qm baseline", before)
+    baseline_s = round(time.perf_counter() - t0, 1)
+    if now.exists():
+        shutil.rmtree(now)
+    shutil.copytree(before, now, symlinks=True)
+    dvc = yaml.safe_load((now / "dvc.yaml").read_text())
+    (now / "dvc.yaml").write_text(yaml.safe_dump(checkpoint_outs(dvc, cached=False), sort_keys=False))
+    sh("git add -A && git commit -qm 'training checkpoints: cache false'", now)
     rows = []
-    for cached in (True, False):
-        row = measure(scratch / ("before" if cached else "now"), cached)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for root, cached in ((before, True), (now, False)):
+        rows.append({**experiment(root, cached), "baseline_s": baseline_s})
+        print(json.dumps(rows[-1]), flush=True)
     info = machine_info("cpu")
     write_json(RESULTS / "cache_growth.json", {"machine": info, "experiment": EXPERIMENT, "rows": rows,
                                                "params": TINY_PARAMS})
@@ -129,13 +144,14 @@ def main() -> None:
     lines = ["# `.dvc/cache` growth of one CPT experiment: checkpoints cached (before) vs not (now)", "",
              f"Machine: {info['cpu']}; torch {info['torch']}, transformers {info['transformers']}; "
              f"load average {info['load_average'][0]:.1f}.", "",
-             "Command: `python -m bench.cache_growth` (this file's numbers). Each variant: a scratch git + DVC copy of "
+             "Command: `python -m bench.cache_growth` (this file's numbers). A scratch git + DVC copy of "
              "the repository with the tiny pipeline of tests/test_pipeline.py (base `"
              f"{TINY_PARAMS['base']['source']}`, stdlib text) and `retrain.method: cpt` "
              f"({TINY_PARAMS['retrain']['tokens']} tokens, checkpoint every {TINY_PARAMS['retrain']['checkpoint_every']}"
-             f" steps); `dvc repro`, commit, then one experiment `dvc exp run -S {EXPERIMENT}`. Growth = bytes of the "
-             "cache objects the experiment added. \"before\": that copy's dvc.yaml has "
-             "`data/checkpoints/{prune,retrain}: {persist: true}` (cached); \"now\": `{persist: true, cache: false}`.",
+             f" steps) whose dvc.yaml caches the checkpoints as before (`data/checkpoints/{{prune,retrain}}: "
+             "{persist: true}`) runs `dvc repro` once and is committed; a copy of it commits the change measured "
+             "(`{persist: true, cache: false}`, as dvc.yaml has now); each then runs the same experiment "
+             f"`dvc exp run -S {EXPERIMENT}`. Growth = bytes of the cache objects the experiment added.",
              "", "| variant | stages the experiment ran | cache before KiB | growth KiB | new objects | "
              "growth by out (KiB) | retrain checkpoint on disk KiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
