@@ -87,15 +87,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """The dtype models load in: `auto` is bfloat16 on CUDA and float32 on CPU.
 
-    This is the dtype of weights that are only read (scoring, evaluation, a distillation
-    teacher, LoRA's frozen base). Training keeps in float32 what the optimizer updates,
+    This is the dtype of weights that are only read (scoring, evaluation, speed, a
+    distillation teacher, LoRA's frozen base) and of the models depth and width pruning
+    load, cut and save. Training keeps in float32 what the optimizer updates,
     whatever this says: the trained weights themselves (bf16 has 8 mantissa bits, so an
     update lr * m / sqrt(v) below 2^-8 of a weight is rounded away and training stalls),
     their gradients (accumulated over micro-batches and clipped by a global norm), AdamW's
     two moments (v holds squared gradients, far below bf16's useful range relative to
     the weights), the hard-concrete log-alphas and the Lagrange multipliers; the forward
-    and backward run under bf16 autocast on CUDA. Losses and perplexity are computed
-    from float32 log-softmax in every case.
+    and backward run under bf16 autocast when this is bf16 (shear.trainer.make_accelerator).
+    A merged LoRA model is saved in float32. Losses and perplexity are computed from
+    float32 log-softmax in every case.
     """
     device = torch.device(device)
     if name == "auto":

@@ -7,15 +7,18 @@ optimizer state, activations at the configured micro-batch, KV cache, calibratio
 states, the process's own runtime), the checkpoint's size on disk, and the number of
 processes and the micro-batch that make it fit on a device of the given size (default:
 the visible GPU, else host RAM). The parameter counts come from the architecture built on
-the meta device (no weights are read). Stages call `check_fits` first and stop with one
-line naming what to change when their plan does not fit.
+the meta device (no weights are read). Stages call `check_stage` (the speed stage, which holds
+base, pruned and retrained at once, `check_speed`) first and stop with one line naming what
+to change when their plan does not fit.
 
 What is counted (bytes; w = the weights' dtype size, 4 for float32, 2 for bf16):
   weights      every parameter once (tied embeddings once), w each
   gradients    4 per trained parameter (training keeps float32 master weights and
                gradients, see shear.models.resolve_dtype)
   optimizer    AdamW's two float32 moments: 8 per trained parameter
-  activations  training: what autograd saves per token per block (`saved_per_token`) plus
+  activations  in the run dtype (bf16 weights compute in bf16; training runs under bf16
+               autocast exactly when the run dtype is bf16);
+               training: what autograd saves per token per block (`saved_per_token`) plus
                the logits (float32 logits, log-probabilities and their gradient);
                inference: the largest transient of one forward pass (`forward_transient`)
   calibration  scoring: the hidden states kept between blocks
