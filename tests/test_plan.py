@@ -204,7 +204,18 @@ def test_score_stage_in_bfloat16(repo, layerwise):
     assert (repo / "reports/scores/width_activation.json").is_file()
 
 
-def test_prune_and_retrain_stages_in_bfloat16(repo, monkeypatch):
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision: the
+    bf16 stages below need their own, and the tests after them the usual one ("no" on the CPU)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_prune_and_retrain_stages_in_bfloat16(repo, monkeypatch, fresh_accelerator_state):
     """run.dtype: bfloat16 on the CPU. Depth and width pruning load, cut and save in bf16; sheared
     pruning and CPT train float32 master weights under bf16 autocast; LoRA trains float32 adapters
     over a bf16 frozen base. Every written model loads and has the target shape."""
