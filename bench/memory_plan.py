@@ -232,7 +232,7 @@ def estimated(rows: dict, params, config, device_type: str) -> list[dict]:
         peak = measured.get("cuda_max_allocated", measured["peak_rss"])
         row = {k: v for k, v in measured.items() if k in ("stage", "dtype", "peak_rss", "after_imports_rss", "device",
                                                           "cuda_max_allocated", "wall_s", "allocator")}
-        out.append({**row, "estimate": plan.memory.total, "ratio": plan.memory.total / peak,
+        out.append({**row, "dtype": dtype, "estimate": plan.memory.total, "ratio": plan.memory.total / peak,
                     "components": dict(vars(plan.memory))})
         print(f"{stage} ({dtype}): estimate {plan.memory.total / GiB:.2f} GiB, measured {peak / GiB:.2f} GiB "
               f"({out[-1]['ratio']:.2f}x)", flush=True)
