@@ -51,9 +51,10 @@ def return_freed_memory() -> None:
 
     glibc serves allocations below a threshold from its heap, and raises that threshold (up
     to 32 MiB) when a larger block is freed; activations of a few MiB then cycle through the
-    heap, where fragmentation held LoRA retraining's peak RSS on the default model 1.8 GiB
-    (49%) above its live tensors (bench/results/memory_plan.md). A fixed threshold gives
-    every tensor of 1 MiB or more its own mapping, unmapped when it is freed. No-op where
+    heap, where fragmentation held LoRA retraining's peak RSS on the default model 1.7 GiB
+    (44%) above its live tensors (bench/results/memory_plan.md). A fixed threshold gives
+    every tensor of 1 MiB or more its own mapping, unmapped when it is freed; the price is
+    the page faults of fresh mappings (+14% CPU time on those LoRA steps). No-op where
     the C library is not glibc.
     """
     import ctypes
