@@ -149,18 +149,23 @@ class StagePlan:
 
 def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: int, seq: int, act_bytes: int,
                   shards: int, checkpointing: bool, runtime: int, extra: int = 0, foreach_adam: bool = False,
-                  logits_copies: int = 3) -> Memory:
+                  logits_copies: int = 3, grads_persist: bool = False, first_grads: int = 0) -> Memory:
     """A training step: float32 master weights, gradients and AdamW moments for `trained`
     parameters, sharded over `shards` processes (FSDP: plus two gathered blocks; 1 = DDP or
     one process), `frozen_bytes` of weights that are only read, activations of one micro-batch.
 
     Under bf16 autocast without sharding the forward's bf16 copies of the trained weights
-    live until the backward ends (2 bytes each). The optimizer step runs after the
-    activations are freed; foreach AdamW (the default on CUDA unless fused) then allocates
-    one float32 temporary per parameter (sqrt of the second moment): the larger of the
-    two is counted under activations. `logits_copies`: float32 [tokens, vocab] tensors alive
-    at the loss's backward (logits, log-probabilities, their gradient; a loss on a shifted
-    slice adds the slice's copy and its gradient).
+    live until the backward ends (2 bytes each). `logits_copies`: float32 [tokens, vocab]
+    tensors alive at the loss's backward (logits, log-probabilities, their gradient; a loss
+    on a shifted slice adds the slice's copy and its gradient).
+
+    The peak is the larger of two moments. At the start of the backward every activation is
+    alive but, unless they persist (`grads_persist`: grad_accum > 1 accumulates into them,
+    DDP keeps them in its buckets), only the gradients the backward makes before it frees a
+    block's activations: `first_grads` parameters (the LM head's, or the tied embedding's);
+    each block then frees more activations than its gradients take. At the optimizer step
+    the activations are gone and every gradient is there, with foreach AdamW's float32
+    temporary per parameter (the default on CUDA unless fused).
     """
     gathered = 2 * s.block_params * 4 if shards > 1 else 0
     autocast_copies = trained * 2 if act_bytes == 2 and shards == 1 else 0
@@ -169,10 +174,13 @@ def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: i
     # with checkpointing one block's full activations exist again during its recomputation
     blocks = s.layers * per_block + (tokens * saved_per_token(s, act_bytes) if checkpointing else 0)
     logits = tokens * s.vocab * (4 * logits_copies + (act_bytes if act_bytes != 4 else 0))
-    step_temporaries = math.ceil(trained * 4 / shards) if foreach_adam else 0
+    grads = math.ceil(trained * 4 / shards)
+    at_backward = (grads if grads_persist else math.ceil(first_grads * 4 / shards), blocks + logits + extra)
+    at_step = (grads, math.ceil(trained * 4 / shards) if foreach_adam else 0)
+    gradients, activations = max(at_backward, at_step, key=sum)
     return Memory(weights=math.ceil(trained * 4 / shards) + gathered + autocast_copies + frozen_bytes,
-                  gradients=math.ceil(trained * 4 / shards), optimizer=math.ceil(trained * 8 / shards),
-                  activations=max(blocks + logits + extra, step_temporaries), runtime=runtime)
+                  gradients=gradients, optimizer=math.ceil(trained * 8 / shards), activations=activations,
+                  runtime=runtime)
 
 
 def _linear_dims(s: ModelShape) -> dict[str, tuple[int, int]]:
@@ -251,9 +259,12 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
 
     # prune: sheared trains weights, masks and multipliers (masks are tiny)
     sh = params.prune.sheared
+    # the first gradients a full backward makes: the LM head's (the embedding's when tied) and the final norm's
+    head_grads = (s.embedding_params if s.tied else s.head_params) + s.norm_params
     if params.prune.method == "sheared":
         make = lambda n, mb, ckpt: _train_memory(s, s.total, 0, mb, sh.seq_len, act, n, ckpt, runtime,  # noqa: E731
-                                                 foreach_adam=cuda)
+                                                 foreach_adam=cuda, grads_persist=sh.grad_accum > 1 or n > 1,
+                                                 first_grads=head_grads)
         n, mb, ckpt = _fit_training(make, sh.batch_size, device_bytes, max_processes)
         plans["prune"] = StagePlan("prune (sheared)", make(1, sh.batch_size, False), processes=n, micro_batch=mb,
                                    activation_checkpointing=ckpt, checkpoint_bytes=s.total * 12,
@@ -271,19 +282,21 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         if rt.method == "lora":
             adapters = _lora_params(s, rt.lora.r, rt.lora.target_modules)
             dropout = _lora_dropout_saved(s, rt.lora.target_modules, act) if rt.lora.dropout > 0 else 0
-            make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
+            make = lambda n, mb, ckpt, replicas=1: _train_memory(  # noqa: E731
                 s, adapters, s.total * w + teacher, mb, rt.seq_len, act, n, ckpt, runtime,
-                extra=teacher_logits * mb // rt.batch_size + mb * rt.seq_len * dropout, logits_copies=5)
+                extra=teacher_logits * mb // rt.batch_size + mb * rt.seq_len * dropout, logits_copies=5,
+                grads_persist=rt.grad_accum > 1 or n > 1 or replicas > 1)
             checkpoint = adapters * 12
         else:
-            make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
+            make = lambda n, mb, ckpt, replicas=1: _train_memory(  # noqa: E731
                 s, s.total, teacher, mb, rt.seq_len, act, n, ckpt, runtime,
-                extra=teacher_logits * mb // rt.batch_size, logits_copies=5)
+                extra=teacher_logits * mb // rt.batch_size, logits_copies=5,
+                grads_persist=rt.grad_accum > 1 or n > 1 or replicas > 1, first_grads=head_grads)
             checkpoint = s.total * 12
         n, mb, ckpt = _fit_training(make, rt.batch_size, device_bytes, max_processes)
         # as configured: FSDP shards CPT on CUDA; DDP (LoRA, or on CPU) replicates
         shards = rt.num_processes if rt.method == "cpt" and cuda else 1
-        plans["retrain"] = StagePlan(f"retrain ({rt.method})", make(shards, rt.batch_size, False),
+        plans["retrain"] = StagePlan(f"retrain ({rt.method})", make(shards, rt.batch_size, False, rt.num_processes),
                                      processes=n, micro_batch=mb, activation_checkpointing=ckpt,
                                      checkpoint_bytes=checkpoint, fitted_bytes=make(n, mb, ckpt).total if n else 0)
 

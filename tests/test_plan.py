@@ -47,12 +47,17 @@ def test_stage_memory_by_hand(config):
     assert (score.weights, score.calibration, score.gradients) == (TOTAL * 4, 3 * 8 * 8 * 4, 0)
     assert score.activations == 8 * 320 * 12 + 8 * 8 * 4
     assert score.total == TOTAL * 4 + 768 + 30976 + RUNTIME
-    # CPT: float32 weights + gradients + two AdamW moments = 16 B per parameter; per token per block
-    # autograd keeps 4 x (2d + q + kv + 4q + q + 4I) + 16d = 4 x 132 + 128 = 656 B; the loss on the shifted
-    # logits keeps 5 float32 [tokens, vocab] tensors (logits, slice copy, log-probs and two gradients)
+    # CPT: float32 weights + two AdamW moments = 12 B per parameter; per token per block autograd keeps
+    # 4 x (2d + q + kv + 4q + q + 4I) + 16d = 4 x 132 + 128 = 656 B; the loss on the shifted logits keeps
+    # 5 float32 [tokens, vocab] tensors (logits, slice copy, log-probs and two gradients). The peak is the
+    # start of the backward: every activation, and of the gradients only the LM head's and the final
+    # norm's (one micro-batch, one process: none carried over)
     cpt = plans["retrain"].memory
-    assert (cpt.weights, cpt.gradients, cpt.optimizer) == (TOTAL * 4, TOTAL * 4, TOTAL * 8)
+    assert (cpt.weights, cpt.gradients, cpt.optimizer) == (TOTAL * 4, (2560 + 8) * 4, TOTAL * 8)
     assert cpt.activations == 2 * 16 * 656 + 16 * 320 * 20
+    # with gradient accumulation every gradient is alive during the next micro-batch's forward
+    accum = plan_stages(small_params(retrain={"grad_accum": 2}), config, torch.float32, "cpu", 64 * GiB)
+    assert accum["retrain"].memory.gradients == TOTAL * 4
     assert plans["retrain"].checkpoint_bytes == TOTAL * 12
     # speed: static KV cache of 2 (K, V) x 2 layers x 1 KV head x 4 dims x batch 3 x 8 positions x 4 B
     assert plans["speed"].memory.kv_cache == 2 * 2 * 1 * 4 * 3 * 8 * 4
@@ -62,14 +67,14 @@ def test_processes_and_micro_batch_to_fit(config):
     params = small_params(retrain={"batch_size": 8})
     full = plan_stages(params, config, torch.float32, "cpu", 64 * GiB)["retrain"]
     assert (full.processes, full.micro_batch) == (1, 8)
-    state = TOTAL * 16
+    state = TOTAL * 12 + (2560 + 8) * 4  # weights, moments, the LM head's and final norm's gradients
     per_sequence = 2 * 8 * 656 + 8 * 320 * 20
     # room for the optimizer state and 3 sequences: one process at micro-batch 3
     tight = plan_stages(params, config, torch.float32, "cpu", RUNTIME + state + 3 * per_sequence + 10)["retrain"]
     assert (tight.processes, tight.micro_batch) == (1, 3)
-    # one process cannot hold the state and one sequence: sharded over 2 processes (half the state and
-    # two gathered blocks each)
-    budget = RUNTIME + state // 2 + 2 * BLOCK * 4 + per_sequence + 10
+    # one process cannot hold the state and one sequence: sharded over 2 processes (half the weights,
+    # moments and gradients, which DDP/FSDP keep all the time, and two gathered blocks each)
+    budget = RUNTIME + TOTAL * 16 // 2 + 2 * BLOCK * 4 + per_sequence + 10
     assert budget < RUNTIME + state + per_sequence
     sharded = plan_stages(params, config, torch.float32, "cpu", budget)["retrain"]
     assert (sharded.processes, sharded.micro_batch) == (2, 1)
