@@ -26,7 +26,7 @@ import torch
 
 from shear.config import load_params
 from shear.io import atomic_file, write_json
-from shear.models import load_model, offline, resolve_dtype
+from shear.models import MMAP_THRESHOLD_BYTES, load_model, offline, resolve_dtype, return_freed_memory
 from shear.plan import GiB, StagePlan, format_plan, plan_stages
 from shear.speed import machine_info
 
@@ -55,10 +55,12 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(stage: str, base: str, params_path: str) -> dict:
+def child(stage: str, base: str, params_path: str, run_dtype: str | None = None) -> dict:
     """Run one stage's library work on the default model; return its peak memory."""
     params = load_params(params_path)
     params.score.block_criteria = SCORE_BLOCK_CRITERIA
+    if run_dtype:
+        params.run.dtype = run_dtype
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(params.run.dtype, device)
     after_imports = rss_bytes()
@@ -97,17 +99,19 @@ def child(stage: str, base: str, params_path: str) -> dict:
             remove_blocks(model, list(range(6)))
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(model, tokenizer, Path(tmp) / "pruned", record)
-    else:
-        model, _, _ = load_model(base, device=device)  # training: float32 master weights
-        train_step(stage, model, params, device, g)
-    out = {"stage": stage, "peak_rss": rss_bytes(), "after_imports_rss": after_imports, "device": device.type}
+    else:  # as the stages load: LoRA's frozen base in the run dtype, trained weights float32
+        model, _, _ = load_model(base, dtype=dtype if stage == "retrain_lora" else torch.float32, device=device)
+        train_step(stage, model, params, device, g, autocast=dtype == torch.bfloat16)
+    out = {"stage": stage, "peak_rss": rss_bytes(), "after_imports_rss": after_imports, "device": device.type,
+           "allocator": f"glibc, mmap threshold fixed at {MMAP_THRESHOLD_BYTES >> 20} MiB"}
     if device.type == "cuda":
         out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     return out
 
 
-def train_step(stage: str, model, params, device, g) -> None:
-    """Two optimizer steps of the stage's own step function at its configured batch."""
+def train_step(stage: str, model, params, device, g, autocast: bool) -> None:
+    """Two optimizer steps of the stage's own step function at its configured batch, under bf16
+    autocast when the run dtype is bf16 (the stages' accelerator does the same)."""
     if stage == "prune_sheared":
         from shear.models import architecture, count_parameters
         from shear.prune.l0 import L0Masks
@@ -139,7 +143,7 @@ def train_step(stage: str, model, params, device, g) -> None:
     model.train()
     for _ in range(2):
         ids = torch.randint(0, model.config.vocab_size, (rt.batch_size, rt.seq_len), generator=g).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=ids, use_cache=False).logits
         loss, _ = retrain_loss(logits, ids)
         loss.backward()
@@ -170,12 +174,15 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--child", choices=STAGES)
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="run.dtype of the measurement (default: params.yaml's)")
     parser.add_argument("--reuse", action="store_true",
                         help="take the measurements of bench/results/memory_plan.json, recompute the estimates")
     args = parser.parse_args()
     offline()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.base, args.params)))
+        return_freed_memory()  # as every stage does (shear.stage.run_stage)
+        print("RESULT " + json.dumps(child(args.child, args.base, args.params, args.dtype)))
         return
 
     from transformers import AutoConfig, LlamaConfig
@@ -184,7 +191,6 @@ def main() -> None:
     params.score.block_criteria = SCORE_BLOCK_CRITERIA
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(args.base)
-    plans = planned(params, config, device_type, 80 * 10**9)
     big = {}
     for name, cfg in BIG_MODELS.items():
         config_big = LlamaConfig(**cfg)
@@ -193,35 +199,49 @@ def main() -> None:
             p.prune.method, p.retrain.method, p.retrain.num_processes = "sheared", "cpt", gpus
             big[f"{name} @ {gpus}"] = plan_stages(p, config_big, torch.bfloat16, "cuda", 80 * 10**9,
                                                   max_processes=gpus)
-    rows = []
-    previous = {r["stage"]: r for r in json.loads((RESULTS / "memory_plan.json").read_text())["measured"]} \
-        if args.reuse else {}
+    # Rows are (stage, run dtype); the rows not measured now are kept from the last results.
+    default_dtype = str(resolve_dtype(params.run.dtype, torch.device(device_type))).removeprefix("torch.")
+    dtype = args.dtype or default_dtype
+    key = lambda r: (r["stage"], r.get("dtype", default_dtype))  # noqa: E731
+    results = RESULTS / "memory_plan.json"
+    previous = {key(r): r for r in json.loads(results.read_text())["measured"]} if results.is_file() else {}
+    rows = {k: r for k, r in previous.items()}
     for stage in args.stages:
         started = time.perf_counter()
-        if stage in previous:
-            measured = {k: v for k, v in previous[stage].items()
-                        if k in ("stage", "peak_rss", "after_imports_rss", "device", "cuda_max_allocated", "wall_s")}
+        if args.reuse and (stage, dtype) in previous:
+            measured = previous[stage, dtype]
         else:
             proc = subprocess.run([sys.executable, "-m", "bench.memory_plan", "--child", stage, "--base", args.base,
-                                   "--params", args.params], capture_output=True, text=True)
+                                   "--params", args.params, "--dtype", dtype], capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(f"{stage}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
             measured = json.loads(line.removeprefix("RESULT "))
             measured["wall_s"] = round(time.perf_counter() - started, 1)
-        estimate = plans[stage].memory.total
+        rows[stage, dtype] = {**measured, "dtype": dtype}
+        write(estimated(rows, params, config, device_type), big, device_type)  # a stopped run keeps what it measured
+    write(estimated(rows, params, config, device_type), big, device_type)
+
+
+def estimated(rows: dict, params, config, device_type: str) -> list[dict]:
+    """The measured rows, each with the plan's estimate at its run dtype, in STAGES order."""
+    out = []
+    for (stage, dtype), measured in sorted(rows.items(), key=lambda kv: (kv[0][1] != "float32", STAGES.index(kv[0][0]))):
+        p = copy.deepcopy(params)
+        p.run.dtype = dtype
+        plan = planned(p, config, device_type, 80 * 10**9)[stage]
         peak = measured.get("cuda_max_allocated", measured["peak_rss"])
-        row = {**measured, "estimate": estimate, "ratio": estimate / peak,
-               "components": {k: v for k, v in vars(plans[stage].memory).items()}}
-        rows.append(row)
-        print(f"{stage}: estimate {estimate / GiB:.2f} GiB, measured {peak / GiB:.2f} GiB ({row['ratio']:.2f}x)",
-              flush=True)
-        write(rows, big, params, device_type)  # after every stage: a stopped run keeps what it measured
-    write(rows, big, params, device_type)
+        row = {k: v for k, v in measured.items() if k in ("stage", "dtype", "peak_rss", "after_imports_rss", "device",
+                                                          "cuda_max_allocated", "wall_s", "allocator")}
+        out.append({**row, "dtype": dtype, "estimate": plan.memory.total, "ratio": plan.memory.total / peak,
+                    "components": dict(vars(plan.memory))})
+        print(f"{stage} ({dtype}): estimate {plan.memory.total / GiB:.2f} GiB, measured {peak / GiB:.2f} GiB "
+              f"({out[-1]['ratio']:.2f}x)", flush=True)
+    return out
 
 
-def write(rows: list[dict], big: dict, params, device_type: str) -> None:
+def write(rows: list[dict], big: dict, device_type: str) -> None:
     """bench/results/memory_plan.{json,md}."""
     info = machine_info(device_type)
     write_json(RESULTS / "memory_plan.json", {
@@ -233,18 +253,32 @@ def write(rows: list[dict], big: dict, params, device_type: str) -> None:
     lines = ["# Memory plan: estimate vs measurement, and 7B / 8B / 70B plans", "",
              f"Machine: {info.get('gpu', info['cpu'])}; torch {info['torch']}, transformers {info['transformers']}.",
              "", f"## Default model (SmolLM2-135M), params.yaml settings: estimate vs {what}", "",
-             "| stage | estimate GiB | measured GiB | estimate / measured | estimate: weights + grads + optimizer + "
-             "activations + calibration + KV + runtime | RSS after imports GiB | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | run dtype | estimate GiB | measured GiB | estimate / measured | estimate: weights + grads + "
+             "optimizer + activations + calibration + KV + runtime | RSS after imports GiB | wall s | allocator |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = r.get("cuda_max_allocated", r["peak_rss"])
         parts = " + ".join(f"{v / GiB:.2f}" for v in r["components"].values())
-        lines.append(f"| {r['stage']} | {r['estimate'] / GiB:.2f} | {peak / GiB:.2f} | {r['ratio']:.2f} | {parts} | "
-                     f"{r['after_imports_rss'] / GiB:.2f} | {r['wall_s']} |")
+        lines.append(f"| {r['stage']} | {r.get('dtype', 'float32')} | {r['estimate'] / GiB:.2f} | {peak / GiB:.2f} | {r['ratio']:.2f} | {parts} | "
+                     f"{r['after_imports_rss'] / GiB:.2f} | {r['wall_s']} | "
+                     f"{r.get('allocator', 'glibc default (measured before stages returned freed memory)')} |")
     lines += ["", f"score: block criteria {', '.join(SCORE_BLOCK_CRITERIA)} (ppl's fast path is slow here and "
               "its peak is below taylor's backward) and width activation, taylor, magnitude at 10 x 128; prune: depth cut and save; prune_sheared / retrain: two "
               "optimizer steps of the stage's step function at the configured batch; evaluate: one perplexity "
               "batch at the longest length; speed: eager decode at the largest batch.", "",
+              "Precision (run dtype), as the stages load and train: LoRA keeps its frozen base in the run dtype "
+              "and trains float32 adapters with float32 AdamW moments; CPT and sheared pruning train every weight, "
+              "so they keep float32 master weights, float32 gradients (accumulated over micro-batches, clipped by "
+              "a global norm) and both AdamW moments in float32 (an update below 2^-8 of a weight is lost in "
+              "bf16's 8 mantissa bits; the second moment holds squared gradients), and run forward and backward "
+              "under bf16 autocast when the run dtype is bf16 (on CUDA by default, on CPU with run.dtype: "
+              "bfloat16). The bfloat16 rows measure these choices on this CPU.", "",
+              "Allocator: glibc keeps freed blocks below a threshold it raises up to 32 MiB in its heap; "
+              "fragmentation there held LoRA's peak RSS 1.7 GiB above its live tensors (retrain_lora float32: "
+              "5.55 GiB at glibc's default vs 3.85 GiB with the threshold fixed at 1 MiB; 3.68 GiB at 64 KiB). "
+              "Every stage now fixes it at 1 MiB (shear.models.return_freed_memory), so RSS follows the live "
+              "tensors the plan counts. Cost: page faults of fresh mappings, 41.2 s vs 36.0 s of CPU time "
+              "(user + system) for that child's load and two LoRA steps (one run each, machine shared).", "",
               "## Plans on 80 GB GPUs (bf16 weights, float32 master weights / gradients / AdamW when training; "
               "sheared pruning and CPT at the params.yaml batch and sequence length)", ""]
     for name, plans in big.items():

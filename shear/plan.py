@@ -7,15 +7,18 @@ optimizer state, activations at the configured micro-batch, KV cache, calibratio
 states, the process's own runtime), the checkpoint's size on disk, and the number of
 processes and the micro-batch that make it fit on a device of the given size (default:
 the visible GPU, else host RAM). The parameter counts come from the architecture built on
-the meta device (no weights are read). Stages call `check_fits` first and stop with one
-line naming what to change when their plan does not fit.
+the meta device (no weights are read). Stages call `check_stage` (the speed stage, which holds
+base, pruned and retrained at once, `check_speed`) first and stop with one line naming what
+to change when their plan does not fit.
 
 What is counted (bytes; w = the weights' dtype size, 4 for float32, 2 for bf16):
   weights      every parameter once (tied embeddings once), w each
   gradients    4 per trained parameter (training keeps float32 master weights and
                gradients, see shear.models.resolve_dtype)
   optimizer    AdamW's two float32 moments: 8 per trained parameter
-  activations  training: what autograd saves per token per block (`saved_per_token`) plus
+  activations  in the run dtype (bf16 weights compute in bf16; training runs under bf16
+               autocast exactly when the run dtype is bf16);
+               training: what autograd saves per token per block (`saved_per_token`) plus
                the logits (float32 logits, log-probabilities and their gradient);
                inference: the largest transient of one forward pass (`forward_transient`)
   calibration  scoring: the hidden states kept between blocks
@@ -36,13 +39,13 @@ from pathlib import Path
 import torch
 
 from shear.errors import ShearError
+from shear.nll import LOGITS_CHUNK
 from shear.speed import kv_cache_bytes
 
 GiB = 2**30
 # CPU: RSS of a stage process after importing torch, transformers and shear (0.37 GiB measured, see
 # bench/results/memory_plan.md) plus allocator slack; CUDA: context, cuBLAS/cuDNN workspaces
 RUNTIME_BYTES = {"cpu": int(0.4 * GiB), "cuda": 1 * GiB}
-LOGITS_CHUNK = 2048  # positions per lm_head call in shear.evaluate.perplexity
 PROCESS_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -147,18 +150,23 @@ class StagePlan:
 
 def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: int, seq: int, act_bytes: int,
                   shards: int, checkpointing: bool, runtime: int, extra: int = 0, foreach_adam: bool = False,
-                  logits_copies: int = 3) -> Memory:
+                  logits_copies: int = 3, grads_persist: bool = False, first_grads: int = 0) -> Memory:
     """A training step: float32 master weights, gradients and AdamW moments for `trained`
     parameters, sharded over `shards` processes (FSDP: plus two gathered blocks; 1 = DDP or
     one process), `frozen_bytes` of weights that are only read, activations of one micro-batch.
 
     Under bf16 autocast without sharding the forward's bf16 copies of the trained weights
-    live until the backward ends (2 bytes each). The optimizer step runs after the
-    activations are freed; foreach AdamW (the default on CUDA unless fused) then allocates
-    one float32 temporary per parameter (sqrt of the second moment): the larger of the
-    two is counted under activations. `logits_copies`: float32 [tokens, vocab] tensors alive
-    at the loss's backward (logits, log-probabilities, their gradient; a loss on a shifted
-    slice adds the slice's copy and its gradient).
+    live until the backward ends (2 bytes each). `logits_copies`: float32 [tokens, vocab]
+    tensors alive at the loss's backward (logits, log-probabilities, their gradient; a loss
+    on a shifted slice adds the slice's copy and its gradient).
+
+    The peak is the larger of two moments. At the start of the backward every activation is
+    alive but, unless they persist (`grads_persist`: grad_accum > 1 accumulates into them,
+    DDP keeps them in its buckets), only the gradients the backward makes before it frees a
+    block's activations: `first_grads` parameters (the LM head's, or the tied embedding's);
+    each block then frees more activations than its gradients take. At the optimizer step
+    the activations are gone and every gradient is there, with foreach AdamW's float32
+    temporary per parameter (the default on CUDA unless fused).
     """
     gathered = 2 * s.block_params * 4 if shards > 1 else 0
     autocast_copies = trained * 2 if act_bytes == 2 and shards == 1 else 0
@@ -167,10 +175,13 @@ def _train_memory(s: ModelShape, trained: int, frozen_bytes: int, micro_batch: i
     # with checkpointing one block's full activations exist again during its recomputation
     blocks = s.layers * per_block + (tokens * saved_per_token(s, act_bytes) if checkpointing else 0)
     logits = tokens * s.vocab * (4 * logits_copies + (act_bytes if act_bytes != 4 else 0))
-    step_temporaries = math.ceil(trained * 4 / shards) if foreach_adam else 0
+    grads = math.ceil(trained * 4 / shards)
+    at_backward = (grads if grads_persist else math.ceil(first_grads * 4 / shards), blocks + logits + extra)
+    at_step = (grads, math.ceil(trained * 4 / shards) if foreach_adam else 0)
+    gradients, activations = max(at_backward, at_step, key=sum)
     return Memory(weights=math.ceil(trained * 4 / shards) + gathered + autocast_copies + frozen_bytes,
-                  gradients=math.ceil(trained * 4 / shards), optimizer=math.ceil(trained * 8 / shards),
-                  activations=max(blocks + logits + extra, step_temporaries), runtime=runtime)
+                  gradients=gradients, optimizer=math.ceil(trained * 8 / shards), activations=activations,
+                  runtime=runtime)
 
 
 def _linear_dims(s: ModelShape) -> dict[str, tuple[int, int]]:
@@ -220,7 +231,9 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
     s = model_shape(config)
     w = 2 if dtype == torch.bfloat16 else 4
     cuda = device_type == "cuda"
-    act = 2 if cuda else 4  # bf16 autocast on CUDA, float32 on CPU
+    # activations follow the run dtype: bf16 weights compute in bf16, and training runs under bf16
+    # autocast exactly when the run dtype is bf16 (shear.trainer.make_accelerator)
+    act = w
     runtime = RUNTIME_BYTES["cuda" if cuda else "cpu"]
     plans: dict[str, StagePlan] = {}
 
@@ -254,9 +267,12 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
 
     # prune: sheared trains weights, masks and multipliers (masks are tiny)
     sh = params.prune.sheared
+    # the first gradients a full backward makes: the LM head's (the embedding's when tied) and the final norm's
+    head_grads = (s.embedding_params if s.tied else s.head_params) + s.norm_params
     if params.prune.method == "sheared":
         make = lambda n, mb, ckpt: _train_memory(s, s.total, 0, mb, sh.seq_len, act, n, ckpt, runtime,  # noqa: E731
-                                                 foreach_adam=cuda)
+                                                 foreach_adam=cuda, grads_persist=sh.grad_accum > 1 or n > 1,
+                                                 first_grads=head_grads)
         n, mb, ckpt = _fit_training(make, sh.batch_size, device_bytes, max_processes)
         # as configured: FSDP over num_processes when prune.sheared.sharding says so (shear/prune/sheared.py)
         unsharded = make(1, sh.batch_size, sh.activation_checkpointing)
@@ -278,19 +294,21 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
         if rt.method == "lora":
             adapters = _lora_params(s, rt.lora.r, rt.lora.target_modules)
             dropout = _lora_dropout_saved(s, rt.lora.target_modules, act) if rt.lora.dropout > 0 else 0
-            make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
+            make = lambda n, mb, ckpt, replicas=1: _train_memory(  # noqa: E731
                 s, adapters, s.total * w + teacher, mb, rt.seq_len, act, n, ckpt, runtime,
-                extra=teacher_logits * mb // rt.batch_size + mb * rt.seq_len * dropout, logits_copies=5)
+                extra=teacher_logits * mb // rt.batch_size + mb * rt.seq_len * dropout, logits_copies=5,
+                grads_persist=rt.grad_accum > 1 or n > 1 or replicas > 1)
             checkpoint = adapters * 12
         else:
-            make = lambda n, mb, ckpt: _train_memory(  # noqa: E731
+            make = lambda n, mb, ckpt, replicas=1: _train_memory(  # noqa: E731
                 s, s.total, teacher, mb, rt.seq_len, act, n, ckpt, runtime,
-                extra=teacher_logits * mb // rt.batch_size, logits_copies=5)
+                extra=teacher_logits * mb // rt.batch_size, logits_copies=5,
+                grads_persist=rt.grad_accum > 1 or n > 1 or replicas > 1, first_grads=head_grads)
             checkpoint = s.total * 12
         n, mb, ckpt = _fit_training(make, rt.batch_size, device_bytes, max_processes)
         # as configured: FSDP shards CPT on CUDA; DDP (LoRA, or on CPU) replicates
         shards = rt.num_processes if rt.method == "cpt" and cuda else 1
-        plans["retrain"] = StagePlan(f"retrain ({rt.method})", make(shards, rt.batch_size, False),
+        plans["retrain"] = StagePlan(f"retrain ({rt.method})", make(shards, rt.batch_size, False, rt.num_processes),
                                      processes=n, micro_batch=mb, activation_checkpointing=ckpt,
                                      checkpoint_bytes=checkpoint, fitted_bytes=make(n, mb, ckpt).total if n else 0)
 
@@ -342,6 +360,9 @@ def what_to_change(stage: str, plan: StagePlan, params) -> str:
         return "lower evaluate.batch_size or the longest evaluate.ppl_seq_lens, or set run.dtype: bfloat16"
     if stage == "speed":
         return "lower the largest evaluate.speed.batch_sizes or set run.dtype: bfloat16"
+    if stage == "prune" and params.prune.method != "sheared":
+        return (f"{params.prune.method} pruning holds only the weights ({plan.memory.weights / GiB:.1f} GiB): "
+                "set run.dtype: bfloat16 or run.device: cpu (host memory)")
     section = "prune.sheared" if stage == "prune" else "retrain"
     if plan.processes == 0:
         return f"it does not fit at any process count up to {PROCESS_COUNTS[-1]} even at micro-batch 1"
@@ -362,6 +383,23 @@ def check_stage(stage: str, params, model_dir: str | Path, device: torch.device)
     device_bytes = device_memory(device)
     plan = plan_stages(params, config, resolve_dtype(params.run.dtype, device), device.type, device_bytes)[stage]
     check_fits(plan, device_bytes, what_to_change(stage, plan, params))
+    return plan
+
+
+def check_speed(params, model_dirs: list[str | Path], device: torch.device) -> StagePlan:
+    """The speed stage's plan: it holds every model of `model_dirs` at once (their timed runs are
+    interleaved), so their weights add up; the KV cache and activations of one timed run at a
+    time come on top. Stops with one line when it does not fit, before any model is loaded."""
+    from shear.models import read_config, resolve_dtype
+
+    device_bytes = device_memory(device)
+    dtype = resolve_dtype(params.run.dtype, device)
+    each = [plan_stages(params, read_config(d), dtype, device.type, device_bytes)["speed"].memory for d in model_dirs]
+    plan = StagePlan("speed", Memory(
+        weights=sum(m.weights for m in each), kv_cache=max(m.kv_cache for m in each),
+        activations=max(m.activations for m in each), runtime=each[0].runtime), micro_batch=max(params.evaluate.speed.batch_sizes))
+    plan.notes.append(f"{len(each)} models held at once")
+    check_fits(plan, device_bytes, what_to_change("speed", plan, params))
     return plan
 
 

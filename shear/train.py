@@ -67,13 +67,12 @@ def require_teacher(directory: str | Path) -> None:
         )
 
 
-def load_teacher(directory: str | Path, student, device: torch.device):
-    """The frozen base model used as distillation teacher, on `device` (bf16 on CUDA)."""
-    from shear.models import load_model
+def load_teacher(directory: str | Path, student, device: torch.device, dtype: str = "auto"):
+    """The frozen base model used as distillation teacher, on `device`, in `run.dtype` (auto: bf16 on CUDA)."""
+    from shear.models import load_model, resolve_dtype
 
     require_teacher(directory)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher, _, _ = load_model(directory, dtype=dtype, device=device)
+    teacher, _, _ = load_model(directory, dtype=resolve_dtype(dtype, device), device=device)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ShearError(
             f"{directory}: teacher vocabulary ({teacher.config.vocab_size}) differs from the pruned model's "
@@ -103,10 +102,11 @@ def _final_model(accelerator, model, lora: bool):
         return fresh.eval()
     if not accelerator.is_main_process:
         return None
-    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    # float32 before merging: a bf16 frozen base would round the small (alpha / r) B A away
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False).to("cpu").float()
     if lora:
         model = model.merge_and_unload()  # W + (alpha / r) B A, adapters gone: a plain checkpoint
-    return model.to("cpu").float().eval()
+    return model.eval()
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from shear.errors import ShearError
 from shear.io import atomic_file, read_json, trim_logs
-from shear.models import pick_device
+from shear.models import pick_device, resolve_dtype
 
 FINAL_LR_RATIO = 0.1  # cosine decay ends at 10% of the peak learning rate
 SHARD_BYTES = 1 << 30  # the most a save holds twice on disk: one shard
@@ -74,8 +74,9 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accel
 # ----------------------------------------------------------------------------- launch and plan
 
 
-def make_accelerator(device: str = "auto"):
-    """An `accelerate.Accelerator` for `run.device`: bf16 autocast on CUDA, gloo processes on CPU.
+def make_accelerator(device: str = "auto", dtype: str = "auto"):
+    """An `accelerate.Accelerator` for `run.device` (gloo processes on CPU), with bf16 autocast
+    when `run.dtype` resolves to bfloat16 (auto: on CUDA). The trained weights stay float32.
 
     Under `accelerate launch --config_file configs/accelerate/fsdp.yaml` the model is sharded
     with accelerate's FSDP2 plugin: bf16 compute over float32 master weights on CUDA, with the
@@ -84,12 +85,14 @@ def make_accelerator(device: str = "auto"):
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    cuda = pick_device(device).type == "cuda"
+    target = pick_device(device)
+    cuda = target.type == "cuda"
+    bf16 = resolve_dtype(dtype, target) == torch.bfloat16
     plugin = None
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         policy = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32, "output_dtype": torch.bfloat16}
-        plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy if cuda else None)
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no", fsdp_plugin=plugin)
+        plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy if cuda and bf16 else None)
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no", fsdp_plugin=plugin)
     if plugin is not None and accelerator.distributed_type.name == "MULTI_CPU":
         # accelerate 1.x turns its FSDP plugin on for GPU-class devices only (AcceleratorState
         # leaves gloo processes MULTI_CPU); torch's FSDP2 itself shards over gloo, so on CPU
@@ -298,11 +301,48 @@ def save_checkpoint(directory: str | Path, fingerprint: str, step: int, state: d
         shutil.rmtree(path / SHARDED_DIR, ignore_errors=True)
 
 
-def read_checkpoint(directory: str | Path, fingerprint: str, who: str, announce: bool = True) -> Optional[dict]:
+class StoredTensor:
+    """A tensor of a checkpoint shard, read only when it is loaded into place: a resume streams
+    the weights and optimizer moments one tensor at a time, never holding the checkpoint whole."""
+
+    def __init__(self, file: Path, key: str):
+        self.file, self.key = file, key
+
+    def load(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt", device=str(device)) as f:
+            return f.get_tensor(self.key)
+
+
+def _read_all(obj: Any) -> Any:
+    """`obj` with every StoredTensor read (on the CPU)."""
+    if isinstance(obj, StoredTensor):
+        return obj.load()
+    if isinstance(obj, dict):
+        return {k: _read_all(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_read_all(v) for v in obj]
+    return obj
+
+
+def _loaded(value: Any, device: str | torch.device) -> Any:
+    """A stored tensor read onto `device`; anything else as it is."""
+    return value.load(device) if isinstance(value, StoredTensor) else value
+
+
+STREAMED = ("weights", "optimizer")  # the large parts of a training state (12 bytes per trained parameter)
+
+
+def read_checkpoint(directory: str | Path, fingerprint: str, who: str, announce: bool = True,
+                    stream: bool = False) -> Optional[dict]:
     """The state saved by `save_checkpoint` if it belongs to run `fingerprint`, else None (saying why).
 
     The fingerprint is compared before any tensor file is opened; an unreadable file is a
     one-line ShearError naming it. Files of the old pickle format (state.pt) are never read.
+    Every shard's header is read here; with `stream` the weights and optimizer moments stay
+    `StoredTensor`s that `fit` reads one at a time straight into place (on the training
+    device), else every tensor is read now (on the CPU).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -321,21 +361,20 @@ def read_checkpoint(directory: str | Path, fingerprint: str, who: str, announce:
         say(f"{who}: ignoring the checkpoint in {path} (step {meta.get('step')}): it was made with other params, "
             f"start model or data (run {meta.get('fingerprint')}, now {fingerprint}); starting afresh")
         return None
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, StoredTensor] = {}
     for name in meta["files"]:
         file = path / str(name)
         if Path(str(name)).name != str(name) or not file.is_file():
             raise ShearError(f"{file}: missing from the checkpoint listed in {path}/meta.json; delete {path} "
                              "to start afresh")
-        try:
+        try:  # the header only: safe_open checks that the tensors it lists cover the file exactly
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 stamp = f.metadata() or {}
                 if stamp.get("fingerprint") != fingerprint or stamp.get("step") != str(meta["step"]):
                     say(f"{who}: ignoring the checkpoint in {path}: {name} is of step {stamp.get('step')}, "
                         f"meta.json of step {meta['step']} (a save was interrupted); starting afresh")
                     return None
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+                tensors.update((key, StoredTensor(file, key)) for key in f.keys())
         except (SafetensorError, OSError, ValueError) as e:
             raise ShearError(f"{file}: corrupt checkpoint file ({str(e).splitlines()[0]}); delete {path} "
                              "to start afresh") from None
@@ -344,7 +383,8 @@ def read_checkpoint(directory: str | Path, fingerprint: str, who: str, announce:
     except (KeyError, TypeError, ValueError) as e:
         raise ShearError(f"{path}/meta.json: does not match its tensor files ({e!r}); delete {path} "
                          "to start afresh") from None
-    if isinstance(state, dict) and "sharded" in state:
+    state = {k: v if stream and k in STREAMED else _read_all(v) for k, v in state.items()}
+    if "sharded" in state:
         found = {f.name: f.stat().st_size for f in sorted((path / SHARDED_DIR).glob("*.safetensors"))}
         if found != state["sharded"]:
             say(f"{who}: ignoring the checkpoint in {path}: {path / SHARDED_DIR} does not hold the shard files "
@@ -470,19 +510,31 @@ def load_weights_and_optimizer(accelerator, model, optimizer, state: dict) -> No
     if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        weights, optim_state = _read_all(weights), _read_all(optim_state)  # set_state_dict takes whole tensors
         if optim_state["state"] and all(isinstance(k, int) for k in optim_state["state"]):
             optim_state = optimizer_state_by_name(model, optimizer.optimizer, optim_state)
         set_state_dict(model, optimizer.optimizer, model_state_dict=weights, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, strict=False))
         return
     plain = accelerator.unwrap_model(model)
-    missing = set(weights) - {n for n, _ in plain.named_parameters()}
+    params = dict(plain.named_parameters())
+    missing = set(weights) - set(params)
     if missing:
         raise ShearError(f"checkpoint weights {sorted(missing)[:3]} are not parameters of this model; "
                          "delete the checkpoint to start afresh")
-    plain.load_state_dict(weights, strict=False)
-    if optimizer is not None:
-        optimizer.optimizer.load_state_dict(optim_state)
+    with torch.no_grad():  # one tensor at a time, read onto its parameter's device and copied into it
+        for name, value in weights.items():
+            params[name].copy_(_loaded(value, params[name].device))
+    if optimizer is None:
+        return
+    # The moments straight onto their parameter's device and dtype (load_state_dict then keeps them
+    # as they are); the step counters where AdamW expects them, which load_state_dict decides.
+    inner = optimizer.optimizer
+    by_index = dict(zip((i for g in optim_state["param_groups"] for i in g["params"]),
+                        (p for g in inner.param_groups for p in g["params"])))
+    state = {i: {k: _loaded(v, "cpu" if k == "step" else by_index[i].device) for k, v in slots.items()}
+             for i, slots in optim_state["state"].items()}
+    inner.load_state_dict({**optim_state, "state": state})
 
 
 def gather_model(accelerator, model):

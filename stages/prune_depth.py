@@ -25,8 +25,9 @@ from shear.errors import ShearError
 from shear.importance.blocks import block_scores
 from shear.io import file_digest, model_digest, read_json, run_hash
 from shear.mixture import build_sampler, heldout_rows
-from shear.models import block_parameters, count_parameters, load_model, pick_device, save_model
+from shear.models import block_parameters, count_parameters, load_model, pick_device, resolve_dtype, save_model
 from shear.paths import BASE_MODEL, PRUNE_CHECKPOINTS, PRUNED_MODEL, SCORES, SHARDS
+from shear.plan import check_stage
 from shear.prune.depth import (blocks_to_remove, check_protected, prune_iterative, protected_blocks, remove_blocks,
                                select_blocks, target_setting)
 from shear.train import apply_lora, load_teacher, train
@@ -56,8 +57,8 @@ def healing(params, model, tokenizer, rounds: int):
     # again: healing and the retraining after it read different rows, as one longer run does.
     sampler = build_sampler("fixed", domains, retrain.seq_len, params.run.seed + 1, params.data.domain_weights)
     rows = heldout_rows(SHARDS, tokenizer, params.mixture.eval_sequences, HELDOUT_SEQ_LEN)
-    accelerator = make_accelerator(params.run.device)
-    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.needs_teacher else None
+    accelerator = make_accelerator(params.run.device, params.run.dtype)
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device, params.run.dtype) if retrain.needs_teacher else None
     device = model.device
 
     def heal(m, r, kept):
@@ -89,7 +90,12 @@ def healing_run(params, scores_path) -> str:
 
 def main(params, args):
     depth, score = params.prune.depth, params.score
-    model, tokenizer, base_record = load_model(BASE_MODEL, device=pick_device(params.run.device))
+    device = pick_device(params.run.device)
+    check_stage("prune", params, BASE_MODEL, device)
+    # healing trains these weights: float32 master weights then (bf16 compute comes from autocast)
+    healing_on = depth.mode == "iterative" and depth.heal_tokens > 0
+    dtype = torch.float32 if healing_on else resolve_dtype(params.run.dtype, device)
+    model, tokenizer, base_record = load_model(BASE_MODEL, dtype=dtype, device=device)
     L = model.config.num_hidden_layers
     scores_path = SCORES / f"block_{depth.criterion}.json"
     record = read_json(scores_path)

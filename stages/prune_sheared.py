@@ -51,7 +51,7 @@ def main(params, args):
 
     # Everything is validated before the first write: a failing run leaves the previous
     # outputs, checkpoint and learning curves as they were.
-    accelerator = make_accelerator(params.run.device)
+    accelerator = make_accelerator(params.run.device, params.run.dtype)
     is_main = accelerator.is_main_process
     plan = plan_run("prune.sheared", sheared.tokens, sheared.batch_size, sheared.seq_len, sheared.grad_accum,
                     accelerator.num_processes, sheared.lr_warmup_fraction)
@@ -93,7 +93,7 @@ def main(params, args):
         "seed": seed, "device": accelerator.device.type, "base": model_digest(BASE_MODEL),
         "shards": load_manifest(SHARDS),
     })
-    resume = read_checkpoint(PRUNE_CHECKPOINTS, fingerprint, "sheared", announce=is_main)
+    resume = read_checkpoint(PRUNE_CHECKPOINTS, fingerprint, "sheared", announce=is_main, stream=True)
     live = open_live(PRUNE_LOGS, resume["step"] if resume is not None else None) if is_main else None
     before = count_parameters(model)
     pruned, record = prune_sheared(

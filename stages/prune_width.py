@@ -8,15 +8,18 @@ import dataclasses
 
 from shear.errors import ShearError
 from shear.importance.width import read_width_scores
-from shear.models import count_parameters, load_model, save_model
+from shear.models import count_parameters, load_model, pick_device, resolve_dtype, save_model
 from shear.paths import BASE_MODEL, PRUNED_MODEL, SCORE_TENSORS
+from shear.plan import check_stage
 from shear.prune.shapes import resolve_target, source_shape
 from shear.prune.width import width_prune
 
 
 def main(params, args):
     prune = params.prune
-    model, tokenizer, base_record = load_model(BASE_MODEL)
+    device = pick_device(params.run.device)
+    check_stage("prune", params, BASE_MODEL, device)
+    model, tokenizer, base_record = load_model(BASE_MODEL, dtype=resolve_dtype(params.run.dtype, device), device=device)
     target_keys = {k: v for k, v in dataclasses.asdict(prune.target).items() if k != "align"}
     target = resolve_target(model.config, target_keys, prune.target.align, prune.target.tp_divisible)
 

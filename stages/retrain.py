@@ -34,6 +34,8 @@ then `dvc commit retrain` on node 0 records the outputs in dvc.lock.
 import dataclasses
 import shutil
 
+import torch
+
 from shear.config import HELDOUT_SEQ_LEN
 from shear.data import load_domains, load_manifest
 from shear.distill import block_map
@@ -41,7 +43,7 @@ from shear.errors import ShearError
 from shear.io import atomic_dir, model_digest, recover_dir, run_hash, write_json
 from shear.mixture import (build_sampler, continued_weights, domain_losses, heldout_rows, plot_weights,
                            reference_losses)
-from shear.models import load_model, pick_device, save_model
+from shear.models import load_model, pick_device, resolve_dtype, save_model
 from shear.paths import (BASE_METRICS, BASE_MODEL, PRUNED_MODEL, RETRAIN_CHECKPOINTS, RETRAIN_LOGS, RETRAINED_MODEL,
                          SHARDS)
 from shear.plan import check_stage
@@ -62,7 +64,8 @@ def heldout(params, tokenizer, config, dynamic: bool):
 
 def copy_pruned(params) -> None:
     """Method `none`: the pruned model unchanged, with its held-out loss logged for the report."""
-    model, tokenizer, record = load_model(PRUNED_MODEL)
+    device = pick_device(params.run.device)
+    model, tokenizer, record = load_model(PRUNED_MODEL, dtype=resolve_dtype(params.run.dtype, device), device=device)
     losses = domain_losses(model, heldout(params, tokenizer, model.config, dynamic=False))
     with atomic_dir(RETRAINED_MODEL) as tmp:
         for f in PRUNED_MODEL.iterdir():
@@ -96,18 +99,21 @@ def main(params, args):
 
     # Everything is validated before the first write: a failing run leaves the previous
     # outputs, checkpoint and learning curves as they were.
-    accelerator = make_accelerator(params.run.device)
+    accelerator = make_accelerator(params.run.device, params.run.dtype)
     is_main = accelerator.is_main_process
     plan_run("retrain", retrain.tokens, retrain.batch_size, retrain.seq_len, retrain.grad_accum,
              accelerator.num_processes, retrain.warmup_fraction)
     if retrain.needs_teacher:
         require_teacher(BASE_MODEL)
-    model, tokenizer, record = load_model(PRUNED_MODEL)
+    # LoRA: the frozen base in the run dtype (bf16 on CUDA), peft's adapters float32; CPT trains
+    # every weight, so it keeps float32 master weights and computes under bf16 autocast
+    dtype = resolve_dtype(params.run.dtype, accelerator.device) if retrain.method == "lora" else torch.float32
+    model, tokenizer, record = load_model(PRUNED_MODEL, dtype=dtype)
     check_seq_len("retrain", retrain.seq_len, model.config)
     check_seq_len("retrain (held-out rows)", HELDOUT_SEQ_LEN, model.config)
     domains = load_domains(SHARDS, "train", tokenizer)  # refuses shards of another tokenizer
     check_train_tokens("retrain", domains, retrain.seq_len, SHARDS)
-    teacher = load_teacher(BASE_MODEL, model, accelerator.device) if retrain.needs_teacher else None
+    teacher = load_teacher(BASE_MODEL, model, accelerator.device, params.run.dtype) if retrain.needs_teacher else None
     mapping = (block_map(record, teacher.config, model.config, f"{PRUNED_MODEL}/shear.json")
                if retrain.distill_hidden > 0 else None)
     if mapping is not None and model.config.hidden_size != teacher.config.hidden_size and \
@@ -146,7 +152,7 @@ def main(params, args):
         "shards": load_manifest(SHARDS),
     }
     run_id = run_hash(settings)
-    resume = read_checkpoint(RETRAIN_CHECKPOINTS, run_id, "retrain", announce=is_main)
+    resume = read_checkpoint(RETRAIN_CHECKPOINTS, run_id, "retrain", announce=is_main, stream=True)
 
     live = open_live(RETRAIN_LOGS, resume["step"] if resume is not None else None) if is_main else None
     trained, summary = train(

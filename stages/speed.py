@@ -9,8 +9,9 @@ import time
 import torch
 
 from shear.io import write_json
-from shear.models import architecture, load_model, pick_device
+from shear.models import architecture, load_model, pick_device, resolve_dtype
 from shear.paths import MODEL_NAMES, SPEED, model_dir
+from shear.plan import check_speed
 from shear.records import REFERENCE_MODEL, SpeedRecord, non_numeric_keys
 from shear.speed import compare_speed, machine_info, speedup
 
@@ -26,10 +27,12 @@ def same_weights(a, b) -> bool:
 def main(params, args):
     sp = params.evaluate.speed
     device = pick_device(params.run.device)
+    check_speed(params, [model_dir(name) for name in MODEL_NAMES], device)
+    dtype = resolve_dtype(params.run.dtype, device)
     started = time.perf_counter()
     models, same_as = {}, {}
     for name in MODEL_NAMES:
-        model = load_model(model_dir(name), device=device)[0]
+        model = load_model(model_dir(name), dtype=dtype, device=device)[0]
         # each distinct model once: retrain `none` copies the pruned weights
         twin = next((other for other, m in models.items() if same_weights(m, model)), None)
         if twin is None:

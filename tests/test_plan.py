@@ -48,12 +48,17 @@ def test_stage_memory_by_hand(config):
     assert (score.weights, score.calibration, score.gradients) == (TOTAL * 4, 3 * 8 * 8 * 4, 0)
     assert score.activations == 8 * 320 * 12 + 8 * 8 * 4
     assert score.total == TOTAL * 4 + 768 + 30976 + RUNTIME
-    # CPT: float32 weights + gradients + two AdamW moments = 16 B per parameter; per token per block
-    # autograd keeps 4 x (2d + q + kv + 4q + q + 4I) + 16d = 4 x 132 + 128 = 656 B; the loss on the shifted
-    # logits keeps 5 float32 [tokens, vocab] tensors (logits, slice copy, log-probs and two gradients)
+    # CPT: float32 weights + two AdamW moments = 12 B per parameter; per token per block autograd keeps
+    # 4 x (2d + q + kv + 4q + q + 4I) + 16d = 4 x 132 + 128 = 656 B; the loss on the shifted logits keeps
+    # 5 float32 [tokens, vocab] tensors (logits, slice copy, log-probs and two gradients). The peak is the
+    # start of the backward: every activation, and of the gradients only the LM head's and the final
+    # norm's (one micro-batch, one process: none carried over)
     cpt = plans["retrain"].memory
-    assert (cpt.weights, cpt.gradients, cpt.optimizer) == (TOTAL * 4, TOTAL * 4, TOTAL * 8)
+    assert (cpt.weights, cpt.gradients, cpt.optimizer) == (TOTAL * 4, (2560 + 8) * 4, TOTAL * 8)
     assert cpt.activations == 2 * 16 * 656 + 16 * 320 * 20
+    # with gradient accumulation every gradient is alive during the next micro-batch's forward
+    accum = plan_stages(small_params(retrain={"grad_accum": 2}), config, torch.float32, "cpu", 64 * GiB)
+    assert accum["retrain"].memory.gradients == TOTAL * 4
     assert plans["retrain"].checkpoint_bytes == TOTAL * 12
     # speed: static KV cache of 2 (K, V) x 2 layers x 1 KV head x 4 dims x batch 3 x 8 positions x 4 B
     assert plans["speed"].memory.kv_cache == 2 * 2 * 1 * 4 * 3 * 8 * 4
@@ -63,14 +68,14 @@ def test_processes_and_micro_batch_to_fit(config):
     params = small_params(retrain={"batch_size": 8})
     full = plan_stages(params, config, torch.float32, "cpu", 64 * GiB)["retrain"]
     assert (full.processes, full.micro_batch) == (1, 8)
-    state = TOTAL * 16
+    state = TOTAL * 12 + (2560 + 8) * 4  # weights, moments, the LM head's and final norm's gradients
     per_sequence = 2 * 8 * 656 + 8 * 320 * 20
     # room for the optimizer state and 3 sequences: one process at micro-batch 3
     tight = plan_stages(params, config, torch.float32, "cpu", RUNTIME + state + 3 * per_sequence + 10)["retrain"]
     assert (tight.processes, tight.micro_batch) == (1, 3)
-    # one process cannot hold the state and one sequence: sharded over 2 processes (half the state and
-    # two gathered blocks each)
-    budget = RUNTIME + state // 2 + 2 * BLOCK * 4 + per_sequence + 10
+    # one process cannot hold the state and one sequence: sharded over 2 processes (half the weights,
+    # moments and gradients, which DDP/FSDP keep all the time, and two gathered blocks each)
+    budget = RUNTIME + TOTAL * 16 // 2 + 2 * BLOCK * 4 + per_sequence + 10
     assert budget < RUNTIME + state + per_sequence
     sharded = plan_stages(params, config, torch.float32, "cpu", budget)["retrain"]
     assert (sharded.processes, sharded.micro_batch) == (2, 1)
@@ -107,23 +112,53 @@ def repo(tmp_path, monkeypatch, shards):
     return tmp_path
 
 
-@pytest.mark.parametrize("stage", ["score", "evaluate"])
-def test_stage_that_does_not_fit_stops_first_and_writes_nothing(repo, monkeypatch, stage, capsys):
+@pytest.mark.parametrize("stage,what_to_change", [
+    ("score", "taylor"), ("evaluate", "evaluate.batch_size"), ("speed", "evaluate.speed.batch_sizes"),
+    ("depth", "set run.dtype: bfloat16"), ("width", "set run.dtype: bfloat16")])
+def test_stage_that_does_not_fit_stops_first_and_writes_nothing(repo, monkeypatch, stage, what_to_change):
     import argparse
+    import shutil
 
-    from stages import evaluate, score
+    from stages import evaluate, prune, score, speed
 
+    for name in ("pruned", "retrained"):  # the speed stage holds all three models at once
+        shutil.copytree(repo / "data/models/base", repo / f"data/models/{name}")
     monkeypatch.setattr(plan, "device_memory", lambda device: 10**6)
-    params = small_params(score={"block_criteria": ["ppl", "taylor"]})
+    params = small_params(score={"block_criteria": ["ppl", "taylor"], "width_criteria": ["activation"]},
+                          prune={"method": stage if stage in ("depth", "width") else "depth"})
     with pytest.raises(ShearError) as e:
         if stage == "score":
             score.main(params, argparse.Namespace())
-        else:
+        elif stage == "evaluate":
             evaluate.main(params, argparse.Namespace(model="base"))
+        elif stage == "speed":
+            speed.main(params, argparse.Namespace())
+        else:
+            prune.main(params, argparse.Namespace())
     message = str(e.value)
-    assert "\n" not in message and "GiB per device" in message
-    assert ("taylor" in message) if stage == "score" else ("evaluate.batch_size" in message)
+    assert "\n" not in message and "GiB per device" in message and what_to_change in message
     assert not (repo / "reports").exists()
+    assert sorted(p.name for p in (repo / "data/models").iterdir()) == ["base", "pruned", "retrained"]
+    assert not (repo / "data/checkpoints").exists()
+
+
+def test_speed_plan_holds_every_model_at_once(repo, monkeypatch):
+    """The speed stage's check adds the weights of base, pruned and retrained (they are timed in one process)."""
+    from shear.models import load_model, read_config
+    from shear.prune.depth import remove_blocks
+
+    model, tok, _ = load_model(repo / "data/models/base")
+    remove_blocks(model, [0, 1])
+    save_model(model, tok, repo / "data/models/pruned", {"method": "depth"})
+    params = small_params()
+    dirs = [repo / f"data/models/{n}" for n in ("base", "pruned", "pruned")]
+    both = plan.check_speed(params, dirs, torch.device("cpu"))
+    single = [plan_stages(params, read_config(d), torch.float32, "cpu", 64 * GiB)["speed"].memory for d in dirs[:2]]
+    assert both.memory.weights == single[0].weights + 2 * single[1].weights
+    assert both.memory.kv_cache == single[0].kv_cache and both.memory.runtime == RUNTIME
+    monkeypatch.setattr(plan, "device_memory", lambda device: both.memory.total - 1)
+    with pytest.raises(ShearError, match="speed: needs"):
+        plan.check_speed(params, dirs, torch.device("cpu"))
 
 
 def test_score_stage_runs_layer_by_layer_when_the_model_does_not_fit(repo, monkeypatch, capsys):
@@ -173,3 +208,68 @@ def test_score_stage_in_bfloat16(repo, layerwise):
     record = json.loads((repo / "reports/scores/block_ppl.json").read_text())
     assert len(record["scores"]) == 4 and all(s > 1 for s in record["scores"])
     assert (repo / "reports/scores/width_activation.json").is_file()
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision: the
+    bf16 stages below need their own, and the tests after them the usual one ("no" on the CPU)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_prune_and_retrain_stages_in_bfloat16(repo, monkeypatch, fresh_accelerator_state):
+    """run.dtype: bfloat16 on the CPU. Depth and width pruning load, cut and save in bf16; sheared
+    pruning and CPT train float32 master weights under bf16 autocast; LoRA trains float32 adapters
+    over a bf16 frozen base. Every written model loads and has the target shape."""
+    import argparse
+
+    from safetensors import safe_open
+
+    from shear.models import load_model
+    from stages import prune, retrain, score
+
+    def stored_dtypes(directory):
+        with safe_open(str(repo / directory / "model.safetensors"), framework="pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    args = argparse.Namespace(params="params.yaml")
+    train = {"batch_size": 2, "seq_len": 32, "tokens": 2 * 2 * 32}
+    params = small_params(run={"dtype": "bfloat16"}, data={"mixture": "fixed"},
+                          score={"block_criteria": ["ppl"], "width_criteria": ["activation"]},
+                          prune={"depth": {"criterion": "ppl", "ratio": None, "num_blocks": 1},
+                                 "target": {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2,
+                                            "num_key_value_heads": 1, "intermediate_size": 64},
+                                 "sheared": {**train, "checkpoint_every": 1}},
+                          retrain={**train, "eval_every": 1, "checkpoint_every": 1},
+                          mixture={"eval_sequences": 2})
+    score.main(params, args)
+    for method, kept_dtype in (("depth", "BF16"), ("width", "BF16"), ("sheared", "F32")):
+        params.prune.method = method
+        prune.main(params, args)
+        pruned, _, record = load_model("data/models/pruned")
+        assert stored_dtypes("data/models/pruned") == {kept_dtype}, method
+        assert pruned.config.num_hidden_layers == 3 and record["method"] == method
+    assert pruned.config.hidden_size == 32
+
+    seen = {}
+    real_train = retrain.train
+
+    def spy(model, sampler, cfg, accelerator, **kw):
+        seen[cfg.method] = (accelerator.mixed_precision,
+                            {(p.requires_grad, p.dtype) for p in model.parameters()})
+        return real_train(model, sampler, cfg, accelerator, **kw)
+
+    monkeypatch.setattr(retrain, "train", spy)
+    for method in ("lora", "cpt"):
+        params.retrain.method = method
+        retrain.main(params, args)
+        retrained, _, record = load_model("data/models/retrained")
+        assert record["retrain"]["method"] == method and stored_dtypes("data/models/retrained") == {"F32"}
+        assert retrained.config.hidden_size == 32
+    # LoRA: frozen bf16 base, trained float32 adapters; CPT: every weight float32 and trained
+    assert seen["lora"] == ("bf16", {(False, torch.bfloat16), (True, torch.float32)})
+    assert seen["cpt"] == ("bf16", {(True, torch.float32)})
