@@ -289,7 +289,7 @@ def plan_stages(params, config, dtype: torch.dtype, device_type: str, device_byt
     # retrain (of the model whose config is given; a distillation teacher is counted at its size)
     rt = params.retrain
     if rt.method != "none":
-        teacher = s.total * w if rt.distill > 0 else 0
+        teacher = s.total * w if rt.needs_teacher else 0
         teacher_logits = rt.batch_size * rt.seq_len * s.vocab * 4 if rt.distill > 0 else 0
         if rt.method == "lora":
             adapters = _lora_params(s, rt.lora.r, rt.lora.target_modules)
