@@ -196,7 +196,8 @@ def main() -> None:
         config_big = LlamaConfig(**cfg)
         for gpus in (1, 8, 16):
             p = copy.deepcopy(params)
-            p.prune.method, p.retrain.method, p.retrain.num_processes = "sheared", "cpt", gpus
+            p.prune.method, p.retrain.method = "sheared", "cpt"
+            p.retrain.num_processes = p.prune.sheared.num_processes = gpus
             big[f"{name} @ {gpus}"] = plan_stages(p, config_big, torch.bfloat16, "cuda", 80 * 10**9,
                                                   max_processes=gpus)
     # Rows are (stage, run dtype); the rows not measured now are kept from the last results.
