@@ -54,8 +54,10 @@ def return_freed_memory() -> None:
     heap, where fragmentation held LoRA retraining's peak RSS on the default model 1.7 GiB
     (44%) above its live tensors (bench/results/memory_plan.md). A fixed threshold gives
     every tensor of 1 MiB or more its own mapping, unmapped when it is freed; the price is
-    the page faults of fresh mappings (+14% CPU time on those LoRA steps). No-op where
-    the C library is not glibc.
+    the page faults of fresh mappings: +10-25% wall time on forward and backward passes of the
+    default model (alternated A/B, 2 threads). So only the training stages (retrain, prune),
+    whose peak the plan must get right, call it; read-only stages keep glibc's faster default
+    and stay within 20% of their plan without it. No-op where the C library is not glibc.
     """
     import ctypes
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 from shear.config import Params, load_params
 from shear.errors import ShearError
-from shear.models import offline, return_freed_memory, seed_everything
+from shear.models import offline, seed_everything
 
 
 class StageArgumentParser(argparse.ArgumentParser):
@@ -28,7 +28,6 @@ def run_stage(description: str, body: Callable[[Params, argparse.Namespace], Non
         add_arguments(parser)
     args = parser.parse_args()
     offline()
-    return_freed_memory()
     try:
         params = load_params(args.params)
         seed_everything(params.run.seed)

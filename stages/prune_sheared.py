@@ -121,6 +121,8 @@ def main(params, args):
 
 
 if __name__ == "__main__":
+    from shear.models import return_freed_memory
     from shear.stage import run_stage
 
+    return_freed_memory()  # a training stage: its peak RSS is what shear.plan counts (see the docstring)
     run_stage(__doc__, main)
