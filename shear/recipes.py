@@ -170,7 +170,10 @@ def log_ratio(row: EvalMetrics, base: EvalMetrics, seq_len: str) -> float | None
 
 
 def results(exp_json: list) -> dict[str, RowResult]:
-    """{experiment name: RowResult} of every `rcp-` experiment; the newest wins when a name repeats."""
+    """{experiment name: RowResult} of every `rcp-` experiment; the newest wins when a name repeats.
+
+    Read from `dvc exp show --all-commits`: rows keep counting after later commits (an experiment
+    is listed under the commit it started from)."""
     found: dict[str, tuple[str, RowResult]] = {}
     for entry in exp_json:
         for exp in entry.get("experiments") or []:
@@ -287,7 +290,7 @@ def training_metrics(root: Path, rev: str) -> dict[str, dict]:
 
 def collect(root: Path) -> tuple[dict[str, RowResult], dict[str, dict | None], int | None]:
     """(all rcp- results, {exp name: numbers of finished rows}, half the base's non-embedding parameters)."""
-    found = results(exp_show(root))
+    found = results(exp_show(root, all_commits=True))
     for r in found.values():
         if r.state == "success":
             r.metrics |= training_metrics(root, r.rev)
@@ -388,6 +391,13 @@ def queue(root: Path, rows: list[Recipe], found: dict[str, RowResult]) -> list[R
     return queued
 
 
+def queue_busy(root: Path) -> bool:
+    """Whether DVC's experiment queue still has queued or running tasks (`dvc queue status`: cheap,
+    unlike `dvc exp show --all-commits`)."""
+    done = subprocess.run([sys.executable, "-m", "dvc", "queue", "status"], cwd=root, capture_output=True, text=True)
+    return any(line.split()[-1:] in (["Queued"], ["Running"]) for line in done.stdout.splitlines())
+
+
 def run(root: Path, jobs: int, poll_s: float) -> None:
     """Queue what is ready, run it `jobs` at a time with one thread each, and repeat until nothing is left."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -399,7 +409,7 @@ def run(root: Path, jobs: int, poll_s: float) -> None:
             break
         print(f"recipes: {len(new)} queued now, {len(pending)} pending; running {jobs} at a time", flush=True)
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, check=False)
-        while any(r.state in ("queued", "running") for r in results(exp_show(root)).values()):
+        while queue_busy(root):
             time.sleep(poll_s)
     table(root, Path("reports/recipes.md"))
 

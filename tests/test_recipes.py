@@ -119,3 +119,18 @@ def test_training_summaries_are_read_from_the_experiment_commit(tmp_path):
            "PATH": "/usr/bin:/bin"}
     subprocess.run("git init -q && git add -A && git commit -qm x", shell=True, cwd=tmp_path, env=env, check=True)
     assert training_metrics(tmp_path, "HEAD") == {"reports/train/retrain/metrics.json": {"train_s": 12.5}}
+
+
+def test_queue_busy_reads_dvc_queue_status(monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    from shear import recipes
+
+    def status(text):
+        return lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=text, stderr="")
+
+    table = "Task     Name                 Created    Status\nd346751  rcp-a  11:55 AM   {}\n\nWorker status: 0 active, 0 idle\n"
+    for state, busy in (("Running", True), ("Queued", True), ("Success", False), ("Failed", False)):
+        monkeypatch.setattr(recipes.subprocess, "run", status(table.format(state)))
+        assert recipes.queue_busy(Path(".")) is busy
