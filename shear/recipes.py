@@ -235,26 +235,26 @@ def best_of(rows: list[Recipe], done: dict[str, dict | None]) -> Recipe | None:
     return min(scores, key=lambda sr: sr[0])[1]
 
 
-def best_criterion(done: dict[str, dict | None]) -> str | None:
-    """The CPT criterion of phase 1 with the lowest log-ratio summed over 20% and 35%, once all have finished."""
+def lowest_summed(names: dict[str, str], done: dict[str, dict | None]) -> str | None:
+    """The key of `names` ({key: row prefix}) whose rows have the lowest log-ratio summed over 20%
+    and 35%, once every one of them has finished (else None)."""
     totals = {}
-    for c in PHASE1_CRITERIA:
-        values = [mean_log_ratio(done.get(f"{EXP_PREFIX}{c}-cpt-{pct}")) for pct in RATIOS]
-        if any(v is None for v in values):
-            return None
-        totals[c] = sum(values)
-    return min(totals, key=totals.get)
-
-
-def best_retraining(criterion: str, done: dict[str, dict | None]) -> str | None:
-    """The key of RETRAININGS whose `criterion` rows have the lowest log-ratio summed over 20% and 35%."""
-    totals = {}
-    for key in RETRAININGS:
-        values = [mean_log_ratio(done.get(f"{EXP_PREFIX}{criterion}-{key}-{pct}")) for pct in RATIOS]
+    for key, prefix in names.items():
+        values = [mean_log_ratio(done.get(f"{EXP_PREFIX}{prefix}-{pct}")) for pct in RATIOS]
         if any(v is None for v in values):
             return None
         totals[key] = sum(values)
     return min(totals, key=totals.get)
+
+
+def best_criterion(done: dict[str, dict | None]) -> str | None:
+    """The CPT criterion of phase 1 with the lowest log-ratio summed over 20% and 35%."""
+    return lowest_summed({c: f"{c}-cpt" for c in PHASE1_CRITERIA}, done)
+
+
+def best_retraining(criterion: str, done: dict[str, dict | None]) -> str | None:
+    """The key of RETRAININGS whose `criterion` rows have the lowest log-ratio summed over 20% and 35%."""
+    return lowest_summed({key: f"{criterion}-{key}" for key in RETRAININGS}, done)
 
 
 def plan(done: dict[str, dict | None], half_params: int | None) -> list[Recipe]:
