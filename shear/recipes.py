@@ -257,10 +257,13 @@ def best_retraining(criterion: str, done: dict[str, dict | None]) -> str | None:
     return lowest_summed({key: f"{criterion}-{key}" for key in RETRAININGS}, done)
 
 
-def plan(done: dict[str, dict | None], half_params: int | None) -> list[Recipe]:
-    """Every row whose settings are known given the finished rows `done` ({exp name: numbers or None})."""
+def plan(done: dict[str, dict | None], half_params: int | None, criterion: str | None = None) -> list[Recipe]:
+    """Every row whose settings are known given the finished rows `done` ({exp name: numbers or None}).
+
+    `criterion` starts phase 2 with that block criterion before phase 1 has named its best one (a
+    user's choice when time is short; the table then says which criterion phase 2 used)."""
     rows = phase1()
-    criterion = best_criterion(done)
+    criterion = criterion or best_criterion(done)
     if criterion is None:
         return rows
     rows += phase2(criterion)
@@ -398,12 +401,32 @@ def queue_busy(root: Path) -> bool:
     return any(line.split()[-1:] in (["Queued"], ["Running"]) for line in done.stdout.splitlines())
 
 
-def run(root: Path, jobs: int, poll_s: float) -> None:
-    """Queue what is ready, run it `jobs` at a time with one thread each, and repeat until nothing is left."""
+def possible_rows() -> list[str]:
+    """Every row id any phase can plan, whatever earlier phases find (to check `--only` up front)."""
+    rows = phase1()
+    for c in PHASE1_CRITERIA:
+        rows += phase2(c) + [r for key in RETRAININGS for r in phase3(c, key, 0)]
+    rows += [r for best in list(rows) for r in phase4(best)]
+    return list(dict.fromkeys(r.row for r in rows))
+
+
+def select(rows: list[Recipe], only: list[str] | None) -> list[Recipe]:
+    """The rows of `rows` named in `only`, in `only`'s order (all of `rows` when `only` is None): rows
+    a later phase has not unlocked yet are left for the next round."""
+    if only is None:
+        return rows
+    by_id = {r.row: r for r in rows}
+    return [by_id[row] for row in only if row in by_id]
+
+
+def run(root: Path, jobs: int, poll_s: float, criterion: str | None = None, only: list[str] | None = None) -> None:
+    """Queue what is ready (only the rows `only`, in that order, when given), run it `jobs` at a time
+    with one thread each, and repeat until nothing is left."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     while True:
         found, done, half = collect(root)
-        new = queue(root, plan(done, half), found)
+        ready = plan(done, half, criterion)
+        new = queue(root, select(ready, only), found)
         pending = [n for n, r in found.items() if r.state in ("queued", "running")] + [r.exp_name for r in new]
         if not pending:
             break
@@ -411,13 +434,13 @@ def run(root: Path, jobs: int, poll_s: float) -> None:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, check=False)
         while queue_busy(root):
             time.sleep(poll_s)
-    table(root, Path("reports/recipes.md"))
+    table(root, Path("reports/recipes.md"), criterion)
 
 
-def table(root: Path, out: Path) -> str:
+def table(root: Path, out: Path, criterion: str | None = None) -> str:
     """Write the recipes table to `out` (relative to `root`) and return it."""
     found, done, half = collect(root)
-    text = render(plan(done, half), done, found)
+    text = render(plan(done, half, criterion), done, found)
     with atomic_file(root / out) as f:
         f.write(text)
     return text
@@ -428,19 +451,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["plan", "run", "table"])
     parser.add_argument("--jobs", type=int, default=2, help="experiments at a time (default 2, one thread each)")
     parser.add_argument("--poll", type=float, default=60.0, help="seconds between queue checks (default 60)")
+    parser.add_argument("--criterion", choices=PHASE1_CRITERIA,
+                        help="run: start phase 2 with this block criterion instead of waiting for phase 1's best")
+    parser.add_argument("--only", nargs="+", metavar="ROW",
+                        help="run: queue only these rows, in this order (ids as `plan` prints them, without 'rcp-')")
     parser.add_argument("--out", type=Path, default=Path("reports/recipes.md"), help="the table (default: %(default)s)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or []) - set(possible_rows()))
+    if unknown:
+        parser.error(f"--only: no row {', '.join(unknown)}; `python -m shear.recipes plan` lists the rows")
     try:
         root = find_dvc_root(Path.cwd())
         if args.command == "plan":
             found, done, half = collect(root)
-            for r in plan(done, half):
+            for r in plan(done, half, args.criterion):
                 state = found[r.exp_name].state if r.exp_name in found else "not run"
                 print(f"{r.exp_name:28s} phase {r.phase}  {state:8s}  {' '.join(r.set_args())}")
         elif args.command == "run":
-            run(root, args.jobs, args.poll)
+            run(root, args.jobs, args.poll, args.criterion, args.only)
         else:
-            print(table(root, args.out), end="")
+            print(table(root, args.out, args.criterion), end="")
     except ShearError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
