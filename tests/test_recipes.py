@@ -1,8 +1,10 @@
 """shear.recipes: rows per phase, the winners that unlock later phases, the table and the target check."""
 import math
 
-from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, log_ratio, phase1, phase2, phase3, phase4, plan,
-                           render, results, row_numbers)
+import pytest
+
+from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, log_ratio, main, phase1, phase2, phase3, phase4,
+                           plan, possible_rows, render, results, row_numbers, select)
 from shear.records import EvalMetrics
 
 DOMAINS = ("books", "code")
@@ -85,6 +87,22 @@ def test_later_phases_wait_for_the_winners():
     assert rows["half-width-kd"].overrides["prune.target.params"] == 500
     assert rows["half-sheared-kd"].overrides["retrain.distill"] == 1.0
     assert rows["bi-kd-20-seed1"].overrides["run.seed"] == 1
+
+
+def test_a_named_criterion_starts_phase_2_and_only_picks_rows_in_its_order():
+    rows = plan({}, 400, criterion="ppl+")
+    assert {r.row for r in rows} == {r.row for r in phase1() + phase2("ppl+")}
+    picked = select(rows, ["ppl+-kd-20", "ppl+-cpt-20", "half-width-kd"])  # half-width-kd: not unlocked yet
+    assert [r.row for r in picked] == ["ppl+-kd-20", "ppl+-cpt-20"]
+    assert select(rows, None) == rows
+    assert {"half-sheared-kdh", "sleb-iter-35", "ppl+-kd-20-seed1"} <= set(possible_rows())
+
+
+def test_an_unknown_row_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--only", "ppl+-cpt-20", "ppl-cpt-20"])
+    assert stop.value.code == 2
+    assert "--only: no row ppl-cpt-20" in capsys.readouterr().err
 
 
 def test_unfinished_rows_do_not_count():
