@@ -3,6 +3,8 @@
     python -m shear.recipes plan      # the rows, their params and whether each is done
     python -m shear.recipes run       # queue every row that is ready, run 2 at a time, repeat; then `table`
     python -m shear.recipes table     # reports/recipes.md from `dvc exp show --json`
+    python -m shear.recipes preset ROW --name best   # configs/recipes/best.yaml: that row's recipe
+    python -m shear.recipes apply configs/recipes/best.yaml [dvc exp run options]
     make recipes                      # = run
 
 Every row is one DVC experiment of the default pipeline up to `evaluate@retrained`, named
@@ -34,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from shear.compare import exp_show, find_dvc_root
 from shear.errors import ShearError
 from shear.io import atomic_file
@@ -54,6 +58,8 @@ PHASE1_CRITERIA = ("ppl+", "bi", "sleb")
 # score.block_criteria when a row prunes with sleb (it is not in the default list: ~6x ppl's cost)
 SCORE_WITH_SLEB = ["ppl", "ppl+", "taylor", "taylor+", "magnitude", "bi", "angular", "random", "sleb"]
 HEAL_FRACTION = 0.25           # iterative rows spend a quarter of the budget healing between removals
+PRESET_DIR = Path("configs/recipes")
+PRESET_LEAVES_OUT = ("prune.depth.ratio", "run.seed")  # the user's cut and seed: not part of a recipe
 HIDDEN_DISTILL_WEIGHT = 1.0    # hidden-state distillation weight beside the logit KL (Minitron: equal weights)
 
 
@@ -446,9 +452,39 @@ def table(root: Path, out: Path, criterion: str | None = None) -> str:
     return text
 
 
+def preset_text(recipe: Recipe, numbers: dict | None) -> str:
+    """A preset file: the row's params (minus PRESET_LEAVES_OUT) as dotted keys, with what it measured."""
+    lines = [f"# Recipe preset from row {recipe.row}: {recipe.title} (reports/recipes.md)."]
+    if numbers:
+        measured = ", ".join(f"@{k} {v:.3f}" for k, v in numbers["log_ratio"].items() if v is not None)
+        lines.append(f"# Measured on the default model: mean log(PPL/base) {measured}; {numbers['tokens']:,} "
+                     f"retraining tokens, seed {numbers['seed']}.")
+    lines += ["# Apply: python -m shear.recipes apply <this file> [-S prune.depth.ratio=0.35] [--queue]",
+              "# (= dvc exp run -S key=value for each key below). Written by `python -m shear.recipes preset`."]
+    body = {k: v for k, v in recipe.overrides.items() if k not in PRESET_LEAVES_OUT}
+    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+def preset_args(root: Path, path: Path) -> list[str]:
+    """The `-S key=value` arguments of a preset file, every key checked against params.yaml first."""
+    try:
+        body = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ShearError(f"preset {path}: cannot read it ({e.__class__.__name__}: {e})") from None
+    if not isinstance(body, dict) or not body:
+        raise ShearError(f"preset {path}: expected a mapping of dotted params keys to values, e.g. 'retrain.distill: 1.0'")
+    known = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
+    unknown = [k for k in body if k not in known]
+    if unknown:
+        raise ShearError(f"preset {path}: {', '.join(map(str, unknown))} not in params.yaml")
+    return Recipe("preset", str(path), 0, body).set_args()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["plan", "run", "table"])
+    parser.add_argument("command", choices=["plan", "run", "table", "preset", "apply"])
+    parser.add_argument("what", nargs="?", help="preset: the row id; apply: the preset file")
+    parser.add_argument("--name", default="best", help="preset: the file's name under configs/recipes (default best)")
     parser.add_argument("--jobs", type=int, default=2, help="experiments at a time (default 2, one thread each)")
     parser.add_argument("--poll", type=float, default=60.0, help="seconds between queue checks (default 60)")
     parser.add_argument("--criterion", choices=PHASE1_CRITERIA,
@@ -456,7 +492,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", metavar="ROW",
                         help="run: queue only these rows, in this order (ids as `plan` prints them, without 'rcp-')")
     parser.add_argument("--out", type=Path, default=Path("reports/recipes.md"), help="the table (default: %(default)s)")
-    args = parser.parse_args(argv)
+    args, dvc_args = parser.parse_known_args(argv)
+    if dvc_args and args.command != "apply":
+        parser.error(f"unrecognized arguments: {' '.join(dvc_args)}")
+    if args.command in ("preset", "apply") and not args.what:
+        parser.error(f"{args.command} needs {'a row id' if args.command == 'preset' else 'a preset file'}")
+    if args.command == "preset" and args.what not in possible_rows():
+        parser.error(f"preset: no row {args.what}; `python -m shear.recipes plan` lists the rows")
     unknown = sorted(set(args.only or []) - set(possible_rows()))
     if unknown:
         parser.error(f"--only: no row {', '.join(unknown)}; `python -m shear.recipes plan` lists the rows")
@@ -467,6 +509,19 @@ def main(argv: list[str] | None = None) -> None:
             for r in plan(done, half, args.criterion):
                 state = found[r.exp_name].state if r.exp_name in found else "not run"
                 print(f"{r.exp_name:28s} phase {r.phase}  {state:8s}  {' '.join(r.set_args())}")
+        elif args.command == "preset":
+            found, done, half = collect(root)
+            recipe = next((r for r in plan(done, half, args.criterion) if r.row == args.what), None)
+            if recipe is None:
+                raise ShearError(f"preset: row {args.what} is not planned yet (its phase waits for earlier rows)")
+            out = PRESET_DIR / f"{args.name}.yaml"
+            (root / PRESET_DIR).mkdir(parents=True, exist_ok=True)
+            with atomic_file(root / out) as f:
+                f.write(preset_text(recipe, done.get(recipe.exp_name)))
+            print(f"wrote {out}")
+        elif args.command == "apply":
+            cmd = [sys.executable, "-m", "dvc", "exp", "run", *preset_args(root, Path(args.what).resolve()), *dvc_args]
+            sys.exit(subprocess.run(cmd, cwd=root).returncode)
         elif args.command == "run":
             run(root, args.jobs, args.poll, args.criterion, args.only)
         else:

@@ -4,7 +4,8 @@ import math
 import pytest
 
 from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, log_ratio, main, phase1, phase2, phase3, phase4,
-                           plan, possible_rows, render, results, row_numbers, select)
+                           plan, possible_rows, preset_args, preset_text, render, results, row_numbers, select)
+from shear.errors import ShearError
 from shear.records import EvalMetrics
 
 DOMAINS = ("books", "code")
@@ -152,3 +153,22 @@ def test_queue_busy_reads_dvc_queue_status(monkeypatch):
     for state, busy in (("Running", True), ("Queued", True), ("Success", False), ("Failed", False)):
         monkeypatch.setattr(recipes.subprocess, "run", status(table.format(state)))
         assert recipes.queue_busy(Path(".")) is busy
+
+
+def test_a_preset_is_the_rows_recipe_without_its_cut_and_seed(tmp_path):
+    (tmp_path / "params.yaml").write_text("prune:\n  method: depth\n  depth:\n    criterion: ppl+\n    ratio: 0.2\n"
+                                          "    mode: one_shot\n    heal_tokens: 0\nretrain:\n  tokens: 65536\n"
+                                          "  method: lora\n  distill: 0.0\nrun:\n  seed: 0\n")
+    recipe = phase4(phase2("bi")[0])[-1]  # bi-kd-20-seed1: pure KD, seed 1
+    preset = tmp_path / "best.yaml"
+    preset.write_text(preset_text(recipe, None))
+    args = preset_args(tmp_path, preset)
+    keys = [a.split("=")[0] for a in args[1::2]]
+    assert "retrain.distill=1.0" in args and "prune.depth.ratio" not in keys and "run.seed" not in keys
+    assert set(keys) == set(recipe.overrides) - {"prune.depth.ratio", "run.seed"}
+    preset.write_text("retrain.distil: 1.0\n")  # a typo is refused, naming the key
+    with pytest.raises(ShearError, match="retrain.distil not in params.yaml"):
+        preset_args(tmp_path, preset)
+    preset.write_text("- retrain.distill\n")
+    with pytest.raises(ShearError, match="expected a mapping"):
+        preset_args(tmp_path, preset)
