@@ -156,10 +156,10 @@ def phase3(criterion: str, retraining: str, half_params: int) -> list[Recipe]:
     ]
 
 
-def phase4(best: Recipe) -> list[Recipe]:
-    """A second seed of the strongest seed recipe and of the best recipe, at 20%."""
+def phase4(best: Recipe | None) -> list[Recipe]:
+    """A second seed of the strongest seed recipe (at once) and of the best recipe (once known), at 20%."""
     seed_row = next(r for r in phase1() if r.row == f"{SEED_RECIPE}-20")
-    twins = [seed_row] + ([best] if best.row != seed_row.row else [])
+    twins = [seed_row] + ([best] if best is not None and best.row != seed_row.row else [])
     return [Recipe(f"{r.row}-seed1", f"{r.title}, seed 1", 4, {**r.overrides, "run.seed": 1}) for r in twins]
 
 
@@ -263,24 +263,22 @@ def best_retraining(criterion: str, done: dict[str, dict | None]) -> str | None:
     return lowest_summed({key: f"{criterion}-{key}" for key in RETRAININGS}, done)
 
 
-def plan(done: dict[str, dict | None], half_params: int | None, criterion: str | None = None) -> list[Recipe]:
+def plan(done: dict[str, dict | None], half_params: int | None, criterion: str | None = None,
+         retraining: str | None = None) -> list[Recipe]:
     """Every row whose settings are known given the finished rows `done` ({exp name: numbers or None}).
 
-    `criterion` starts phase 2 with that block criterion before phase 1 has named its best one (a
-    user's choice when time is short; the table then says which criterion phase 2 used)."""
+    `criterion` and `retraining` start phases 2 and 3 with the named block criterion and retraining
+    before the earlier phases have named their best (a user's choice when time is short; the table
+    then shows which rows ran). The seed recipe's second seed needs no winner and is always planned."""
     rows = phase1()
     criterion = criterion or best_criterion(done)
-    if criterion is None:
-        return rows
-    rows += phase2(criterion)
-    retraining = best_retraining(criterion, done)
-    if retraining is None or half_params is None:
-        return rows
-    rows += phase3(criterion, retraining, half_params)
-    best = best_of([r for r in rows if r.phase in (1, 2) and r.row.endswith("-20")], done)
-    if best is not None:
-        rows += phase4(best)
-    return rows
+    if criterion is not None:
+        rows += phase2(criterion)
+        retraining = retraining or best_retraining(criterion, done)
+        if retraining is not None and half_params is not None:
+            rows += phase3(criterion, retraining, half_params)
+    best = best_of([r for r in rows if r.phase in (1, 2) and r.row.endswith("-20")], done) if criterion else None
+    return rows + phase4(best)
 
 
 def training_metrics(root: Path, rev: str) -> dict[str, dict]:
@@ -374,7 +372,8 @@ def verdict(done: dict[str, dict | None]) -> list[str]:
         out.append(f"- half size @128: sheared {s:.3f} vs width {w:.3f}: {'met' if s < w else 'not met'}")
     else:
         out.append("- half size: not measured yet")
-    for row in (f"{SEED_RECIPE}-20",):
+    for row in sorted(n.removeprefix(EXP_PREFIX).removesuffix("-seed1") for n, v in done.items()
+                      if v and n.endswith("-seed1")):
         for seq_len in ("128", "1024"):
             d = spread(done, row, seq_len)
             if d is not None:
@@ -425,13 +424,14 @@ def select(rows: list[Recipe], only: list[str] | None) -> list[Recipe]:
     return [by_id[row] for row in only if row in by_id]
 
 
-def run(root: Path, jobs: int, poll_s: float, criterion: str | None = None, only: list[str] | None = None) -> None:
+def run(root: Path, jobs: int, poll_s: float, criterion: str | None = None, retraining: str | None = None,
+        only: list[str] | None = None) -> None:
     """Queue what is ready (only the rows `only`, in that order, when given), run it `jobs` at a time
     with one thread each, and repeat until nothing is left."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     while True:
         found, done, half = collect(root)
-        ready = plan(done, half, criterion)
+        ready = plan(done, half, criterion, retraining)
         new = queue(root, select(ready, only), found)
         pending = [n for n, r in found.items() if r.state in ("queued", "running")] + [r.exp_name for r in new]
         if not pending:
@@ -440,13 +440,13 @@ def run(root: Path, jobs: int, poll_s: float, criterion: str | None = None, only
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, check=False)
         while queue_busy(root):
             time.sleep(poll_s)
-    table(root, Path("reports/recipes.md"), criterion)
+    table(root, Path("reports/recipes.md"), criterion, retraining)
 
 
-def table(root: Path, out: Path, criterion: str | None = None) -> str:
+def table(root: Path, out: Path, criterion: str | None = None, retraining: str | None = None) -> str:
     """Write the recipes table to `out` (relative to `root`) and return it."""
     found, done, half = collect(root)
-    text = render(plan(done, half, criterion), done, found)
+    text = render(plan(done, half, criterion, retraining), done, found)
     with atomic_file(root / out) as f:
         f.write(text)
     return text
@@ -489,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll", type=float, default=60.0, help="seconds between queue checks (default 60)")
     parser.add_argument("--criterion", choices=PHASE1_CRITERIA,
                         help="run: start phase 2 with this block criterion instead of waiting for phase 1's best")
+    parser.add_argument("--retraining", choices=list(RETRAININGS),
+                        help="run: start phase 3 with this retraining instead of waiting for phase 2's best")
     parser.add_argument("--only", nargs="+", metavar="ROW",
                         help="run: queue only these rows, in this order (ids as `plan` prints them, without 'rcp-')")
     parser.add_argument("--out", type=Path, default=Path("reports/recipes.md"), help="the table (default: %(default)s)")
@@ -506,12 +508,12 @@ def main(argv: list[str] | None = None) -> None:
         root = find_dvc_root(Path.cwd())
         if args.command == "plan":
             found, done, half = collect(root)
-            for r in plan(done, half, args.criterion):
+            for r in plan(done, half, args.criterion, args.retraining):
                 state = found[r.exp_name].state if r.exp_name in found else "not run"
                 print(f"{r.exp_name:28s} phase {r.phase}  {state:8s}  {' '.join(r.set_args())}")
         elif args.command == "preset":
             found, done, half = collect(root)
-            recipe = next((r for r in plan(done, half, args.criterion) if r.row == args.what), None)
+            recipe = next((r for r in plan(done, half, args.criterion, args.retraining) if r.row == args.what), None)
             if recipe is None:
                 raise ShearError(f"preset: row {args.what} is not planned yet (its phase waits for earlier rows)")
             out = PRESET_DIR / f"{args.name}.yaml"
@@ -523,9 +525,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "dvc", "exp", "run", *preset_args(root, Path(args.what).resolve()), *dvc_args]
             sys.exit(subprocess.run(cmd, cwd=root).returncode)
         elif args.command == "run":
-            run(root, args.jobs, args.poll, args.criterion, args.only)
+            run(root, args.jobs, args.poll, args.criterion, args.retraining, args.only)
         else:
-            print(table(root, args.out, args.criterion), end="")
+            print(table(root, args.out, args.criterion, args.retraining), end="")
     except ShearError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

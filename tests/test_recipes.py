@@ -68,8 +68,8 @@ def test_phase1_has_the_seed_recipes_and_criteria_at_both_ratios():
 
 
 def test_later_phases_wait_for_the_winners():
-    first = {r.row for r in phase1()}
-    # nothing finished: only phase 1
+    first = {r.row for r in phase1()} | {"ppl+-cpt-20-seed1"}
+    # nothing finished: only phase 1 and the seed recipe's second seed (it waits for no winner)
     assert {r.row for r in plan({}, 400)} == first
     # phase 1 finished, bi is the best CPT criterion: phase 2 uses bi
     shifts = {r.row: 0.5 for r in phase1()} | {"bi-cpt-20": 0.2, "bi-cpt-35": 0.3}
@@ -92,7 +92,9 @@ def test_later_phases_wait_for_the_winners():
 
 def test_a_named_criterion_starts_phase_2_and_only_picks_rows_in_its_order():
     rows = plan({}, 400, criterion="ppl+")
-    assert {r.row for r in rows} == {r.row for r in phase1() + phase2("ppl+")}
+    assert {r.row for r in rows} == {r.row for r in phase1() + phase2("ppl+") + phase4(None)}
+    with_half = {r.row for r in plan({}, 400, criterion="ppl+", retraining="kd")}
+    assert with_half == {r.row for r in rows} | {"half-depth-kd", "half-width-kd", "half-sheared-kd"}
     picked = select(rows, ["ppl+-kd-20", "ppl+-cpt-20", "half-width-kd"])  # half-width-kd: not unlocked yet
     assert [r.row for r in picked] == ["ppl+-kd-20", "ppl+-cpt-20"]
     assert select(rows, None) == rows
@@ -111,7 +113,7 @@ def test_unfinished_rows_do_not_count():
     found = results(exp_show(shifts, states={"bi-cpt-35": "running", "sleb-cpt-20": "failed"}))
     assert found[EXP_PREFIX + "bi-cpt-35"].state == "running"
     done = {n: row_numbers(r) for n, r in found.items() if r.state == "success"}
-    assert {r.row for r in plan(done, 400)} == {r.row for r in phase1()}
+    assert {r.row for r in plan(done, 400)} == {r.row for r in phase1()} | {"ppl+-cpt-20-seed1"}
 
 
 def test_table_and_target():
