@@ -295,9 +295,21 @@ def training_metrics(root: Path, rev: str) -> dict[str, dict]:
     return out
 
 
-def collect(root: Path) -> tuple[dict[str, RowResult], dict[str, dict | None], int | None]:
-    """(all rcp- results, {exp name: numbers of finished rows}, half the base's non-embedding parameters)."""
-    found = results(exp_show(root, all_commits=True))
+def collect(root: Path, attempts: int = 3, wait_s: float = 30.0) -> tuple[dict[str, RowResult], dict[str, dict | None],
+                                                                         int | None]:
+    """(all rcp- results, {exp name: numbers of finished rows}, half the base's non-embedding parameters).
+
+    `dvc exp show` fails now and then while a queue worker sets up an experiment's temporary
+    workspace ("directory .dvc/tmp/exps/tmp.../.dvc does not exist"): tried `attempts` times."""
+    for attempt in range(attempts):
+        try:
+            shown = exp_show(root, all_commits=True)
+            break
+        except ShearError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(wait_s)
+    found = results(shown)
     for r in found.values():
         if r.state == "success":
             r.metrics |= training_metrics(root, r.rev)

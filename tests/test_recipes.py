@@ -174,3 +174,23 @@ def test_a_preset_is_the_rows_recipe_without_its_cut_and_seed(tmp_path):
     preset.write_text("- retrain.distill\n")
     with pytest.raises(ShearError, match="expected a mapping"):
         preset_args(tmp_path, preset)
+
+
+def test_collect_tries_again_when_dvc_exp_show_races_a_queue_worker(monkeypatch, tmp_path):
+    import shear.recipes as recipes
+
+    calls = []
+
+    def flaky(root, all_commits=False):
+        calls.append(all_commits)
+        if len(calls) == 1:
+            raise ShearError("`dvc exp show --json` failed: directory '.dvc/tmp/exps/tmp1/.dvc' does not exist")
+        return exp_show({"ppl+-cpt-20": 0.4})
+
+    monkeypatch.setattr(recipes, "exp_show", flaky)
+    monkeypatch.setattr(recipes, "training_metrics", lambda root, rev: {})
+    found, done, half = recipes.collect(tmp_path, wait_s=0)
+    assert len(calls) == 2 and abs(done[EXP_PREFIX + "ppl+-cpt-20"]["log_ratio"]["128"] - 0.4) < 1e-12
+    monkeypatch.setattr(recipes, "exp_show", lambda root, all_commits=False: (_ for _ in ()).throw(ShearError("down")))
+    with pytest.raises(ShearError, match="down"):
+        recipes.collect(tmp_path, wait_s=0)
