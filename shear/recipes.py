@@ -348,7 +348,9 @@ def render(rows: list[Recipe], done: dict[str, dict | None], found: dict[str, Ro
              "log(PPL/base) is the mean over the domains of the log of the perplexity ratio to the unpruned "
              "model (0 = no loss; lower is better); task accuracies with their standard errors over the "
              "documents. Run time = evaluation + training wall time, one thread per experiment, two at "
-             "once on 2 cores. Built by `python -m shear.recipes table` from `dvc exp show --json`.", "",
+             "once on 2 cores (iterative rows: without the prune stage's re-scoring and healing rounds, which "
+             "the pruned model's shear.json times under `removal_steps`). Built by `python -m shear.recipes "
+             "table` from `dvc exp show --json`.", "",
              markdown_table(header, body)]
     lines += verdict(done)
     return "\n".join(lines) + "\n"
