@@ -513,11 +513,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(dvc_args)}")
     if args.command in ("preset", "apply") and not args.what:
         parser.error(f"{args.command} needs {'a row id' if args.command == 'preset' else 'a preset file'}")
-    if args.command == "preset" and args.what not in possible_rows():
-        parser.error(f"preset: no row {args.what}; `python -m shear.recipes plan` lists the rows")
-    unknown = sorted(set(args.only or []) - set(possible_rows()))
-    if unknown:
-        parser.error(f"--only: no row {', '.join(unknown)}; `python -m shear.recipes plan` lists the rows")
+    named = {"--only": args.only or [], "preset": [args.what] if args.command == "preset" else []}
+    known = set(possible_rows())
+    for option, rows in named.items():
+        unknown = sorted(set(rows) - known)
+        if unknown:
+            parser.error(f"{option}: no row {', '.join(unknown)}; `python -m shear.recipes plan` lists the rows")
     try:
         root = find_dvc_root(Path.cwd())
         if args.command == "plan":
