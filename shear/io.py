@@ -114,12 +114,36 @@ def run_hash(definition: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _tsv_step(line: str, width: int, col: int) -> int | None:
+    """The step of a DVCLive tsv row, or None when a kill cut the row short (fewer cells, or a cell
+    that is not a number)."""
+    cells = line.split("\t")
+    try:
+        return int(cells[col]) if len(cells) == width and all(float(c) == float(c) for c in cells) else None
+    except ValueError:
+        return None
+
+
 def trim_logs(live_dir: str | Path, step: int) -> None:
-    """Drop DVCLive rows logged after `step` (by a run killed after its last checkpoint) before resuming."""
-    for tsv in Path(live_dir, "plots", "metrics").rglob("*.tsv"):
+    """Make a killed run's DVCLive logs fit to resume at `step`: drop rows logged after it, and what
+    the kill may have cut short. DVCLive appends tsv rows and rewrites `metrics.json` in place, not
+    atomically, and a run is often killed in the middle of doing so (right after a checkpoint): a
+    cut row is dropped, a tsv whose header was cut is removed (DVCLive writes a new one), and an
+    unreadable summary is removed (the next step writes it again)."""
+    live_dir = Path(live_dir)
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
         lines = tsv.read_text().splitlines()
-        if not lines:
+        header = lines[0].split("\t") if lines else []
+        if "step" not in header:
+            tsv.unlink()
             continue
-        col = lines[0].split("\t").index("step")
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
-        tsv.write_text("\n".join(kept) + "\n")
+        col = header.index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if (s := _tsv_step(ln, len(header), col)) is not None and s <= step]
+        with atomic_file(tsv) as f:
+            f.write("\n".join(kept) + "\n")
+    summary = live_dir / "metrics.json"
+    if summary.is_file():
+        try:
+            json.loads(summary.read_text())
+        except ValueError:
+            summary.unlink()

@@ -361,6 +361,28 @@ def test_trim_logs(tmp_path):
     assert path.read_text() == "step\tloss\n1\t3.0\n2\t2.5\n"
 
 
+def test_trim_logs_mends_what_a_kill_cut_short(tmp_path):
+    """A run killed while DVCLive appended a row or rewrote its summary resumes: the cut row, a tsv
+    whose header was cut and an unreadable metrics.json go; DVCLive then opens the directory."""
+    from shear.trainer import open_live
+
+    metrics = tmp_path / "plots" / "metrics"
+    (metrics / "eval").mkdir(parents=True)
+    (metrics / "loss.tsv").write_text("step\tloss\n1\t3.0\n2\t2.5\n3")
+    (metrics / "lr.tsv").write_text("step\tlr\n1\t0.1\n2\t0.\n3\t")
+    (metrics / "eval" / "loss.tsv").write_text("ste")
+    (tmp_path / "metrics.json").write_text('{"step": 2, "loss": 2.')
+    live = open_live(tmp_path, 2)
+    assert (metrics / "loss.tsv").read_text() == "step\tloss\n1\t3.0\n2\t2.5\n"
+    assert (metrics / "lr.tsv").read_text() == "step\tlr\n1\t0.1\n2\t0.\n"
+    assert not (metrics / "eval" / "loss.tsv").exists() and not (tmp_path / "metrics.json").exists()
+    live.step = 3
+    live.log_metric("eval/loss", 2.0)
+    live.make_summary()
+    assert (metrics / "eval" / "loss.tsv").read_text().splitlines()[0].split("\t") == ["step", "loss"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["eval"]["loss"] == 2.0
+
+
 def test_two_process_stage(tmp_path, raw_corpus):
     """The stage re-launches itself under accelerate with 2 gloo processes and trains CPT, distilling
     the hidden states of a twice wider teacher through the learned width map."""
