@@ -3,14 +3,16 @@ import math
 
 import pytest
 
-from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, log_ratio, main, phase1, phase2, phase3, phase4,
-                           plan, possible_rows, preset_args, preset_text, render, results, row_numbers, select)
+from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, family, log_ratio, main, phase1, phase2, phase3,
+                           phase4, plan, possible_rows, preset_args, preset_text, render, results, row_numbers,
+                           seed_twins, select)
 from shear.errors import ShearError
 from shear.records import EvalMetrics
 
 DOMAINS = ("books", "code")
 # every row a plan can hold when bi and kd win (for the params of the made-up experiments)
-KNOWN = {r.row: r for r in phase1() + phase2("bi") + phase3("bi", "kd", 500) + phase4(phase1()[0])}
+KNOWN = {r.row: r for r in phase1() + phase2("bi") + phase3("bi", "kd", 500) + phase4(phase1() + phase2("bi"))}
+SEED_TWINS = {f"ppl+-cpt-{pct}-seed{s}" for pct in RATIOS for s in (1, 2)}  # planned from the start
 
 
 def metrics(loss_shift: float, non_embedding: int = 800) -> dict:
@@ -68,8 +70,8 @@ def test_phase1_has_the_seed_recipes_and_criteria_at_both_ratios():
 
 
 def test_later_phases_wait_for_the_winners():
-    first = {r.row for r in phase1()} | {"ppl+-cpt-20-seed1"}
-    # nothing finished: only phase 1 and the seed recipe's second seed (it waits for no winner)
+    first = {r.row for r in phase1()} | SEED_TWINS
+    # nothing finished: only phase 1 and the seed recipe's other seeds (they wait for no winner)
     assert {r.row for r in plan({}, 400)} == first
     # phase 1 finished, bi is the best CPT criterion: phase 2 uses bi
     shifts = {r.row: 0.5 for r in phase1()} | {"bi-cpt-20": 0.2, "bi-cpt-35": 0.3}
@@ -77,7 +79,8 @@ def test_later_phases_wait_for_the_winners():
     done = {n: row_numbers(r) for n, r in found.items()}
     rows = plan(done, 400)
     second = {r.row for r in rows} - first
-    assert second == {f"bi-{k}-{p}" for k in ("kd", "kdh", "iter") for p in RATIOS}
+    best_twins = {f"bi-cpt-{p}-seed{s}" for p in RATIOS for s in (1, 2)}  # the best so far at each cut
+    assert second == {f"bi-{k}-{p}" for k in ("kd", "kdh", "iter") for p in RATIOS} | best_twins
     iterative = next(r for r in rows if r.row == "bi-iter-20").overrides
     assert iterative["prune.depth.heal_tokens"] + iterative["retrain.tokens"] == RECIPE_TOKENS
     # phase 2 finished, kd best: phase 3 retrains with kd, at half the base's non-embedding parameters
@@ -85,6 +88,10 @@ def test_later_phases_wait_for_the_winners():
     done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
     rows = {r.row: r for r in plan(done, 500)}
     assert {"half-depth-kd", "half-width-kd", "half-sheared-kd", "ppl+-cpt-20-seed1", "bi-kd-20-seed1"} <= set(rows)
+    assert "bi-cpt-20-seed1" not in rows  # no longer the best, and no twin of it ran
+    shifts |= {"bi-cpt-20-seed2": 0.25}   # ... but once one has, a later best keeps it in the table
+    done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
+    assert {"bi-cpt-20-seed1", "bi-cpt-20-seed2"} <= {r.row for r in plan(done, 500)}
     assert rows["half-width-kd"].overrides["prune.target.params"] == 500
     assert rows["half-sheared-kd"].overrides["retrain.distill"] == 1.0
     assert rows["bi-kd-20-seed1"].overrides["run.seed"] == 1
@@ -92,7 +99,7 @@ def test_later_phases_wait_for_the_winners():
 
 def test_a_named_criterion_starts_phase_2_and_only_picks_rows_in_its_order():
     rows = plan({}, 400, criterion="ppl+")
-    assert {r.row for r in rows} == {r.row for r in phase1() + phase2("ppl+") + phase4(None)}
+    assert {r.row for r in rows} == {r.row for r in phase1() + phase2("ppl+") + phase4([])}
     with_half = {r.row for r in plan({}, 400, criterion="ppl+", retraining="kd")}
     assert with_half == {r.row for r in rows} | {"half-depth-kd", "half-width-kd", "half-sheared-kd"}
     picked = select(rows, ["ppl+-kd-20", "ppl+-cpt-20", "half-width-kd"])  # half-width-kd: not unlocked yet
@@ -109,11 +116,14 @@ def test_an_unknown_row_is_refused_before_anything_runs(capsys):
 
 
 def test_unfinished_rows_do_not_count():
-    shifts = {r.row: 0.5 for r in phase1()}
+    shifts = {r.row: 0.5 for r in phase1()} | {"bi-cpt-35": 0.1, "sleb-cpt-20": 0.1, "taylor+-lora-20": 0.3,
+                                                "taylor+-lora-35": 0.3}
     found = results(exp_show(shifts, states={"bi-cpt-35": "running", "sleb-cpt-20": "failed"}))
     assert found[EXP_PREFIX + "bi-cpt-35"].state == "running"
     done = {n: row_numbers(r) for n, r in found.items() if r.state == "success"}
-    assert {r.row for r in plan(done, 400)} == {r.row for r in phase1()} | {"ppl+-cpt-20-seed1"}
+    # the unfinished rows' 0.1 does not count: the best so far (whose twins are planned) is taylor+'s 0.3
+    assert {r.row for r in plan(done, 400)} == {r.row for r in phase1()} | SEED_TWINS | {
+        f"taylor+-lora-{p}-seed{s}" for p in RATIOS for s in (1, 2)}
 
 
 def test_table_and_target():
@@ -123,9 +133,26 @@ def test_table_and_target():
     assert done[EXP_PREFIX + "ppl+-cpt-20"]["wall_s"] == 600.0  # evaluation 60 s + training 540 s
     text = render(plan(done, 400), done, found)
     assert "| ppl+-cpt-20 | ppl+ + CPT, 20% (Shortened LLaMA v2) | 0.400 | 0.400 | 0.30 ± 0.05 |" in text
-    assert "20% @128: best bi-cpt-20 0.300 vs ppl+-cpt 0.400: +25.0% (met" in text
-    assert "35% @128: best bi-cpt-35 0.500 vs ppl+-cpt 0.600: +16.7% (met" in text
+    # a gain of one seed against one seed is not shown, however large
+    assert "20% @128: best bi-cpt-20 0.300 (1 seed) vs ppl+-cpt-20 0.400 (1 seed): +25.0% (not shown: one seed" in text
     assert "half size: not measured yet" in text
+    # seeds: at 20% every seed of bi below every seed of ppl+ (met); at 35% a 12% gain inside the range
+    shifts |= {"ppl+-cpt-20-seed1": 0.5, "bi-cpt-20-seed1": 0.32, "bi-cpt-35": 0.5, "bi-cpt-35-seed1": 0.45,
+               "ppl+-cpt-35-seed1": 0.48}
+    found = results(exp_show(shifts))
+    done = {n: row_numbers(r) for n, r in found.items()}
+    text = render(plan(done, 400), done, found)
+    assert ("20% @128: best bi-cpt-20 0.310 (2 seeds, 0.300-0.320) vs ppl+-cpt-20 0.450 (2 seeds, 0.400-0.500): "
+            "+31.1% (met") in text
+    assert "35% @1024: best bi-cpt-35 0.475 (2 seeds, 0.450-0.500) vs ppl+-cpt-35 0.540 (2 seeds, 0.480-0.600): " \
+           "+12.0% (not shown: inside the seeds' range" in text
+    assert "- seeds of ppl+-cpt-35 @128: 0.600, 0.480: range 0.120" in text
+    assert "| bi-cpt-20-seed1 | bi + CPT, 20%, seed 1 | 0.320 |" in text
+
+
+def test_family_is_the_row_without_its_seed():
+    assert family(EXP_PREFIX + "bi-cpt-20-seed2") == "bi-cpt-20" == family(EXP_PREFIX + "bi-cpt-20")
+    assert family(EXP_PREFIX + "half-sheared-cpt") == "half-sheared-cpt"
 
 
 def test_training_summaries_are_read_from_the_experiment_commit(tmp_path):
@@ -161,7 +188,7 @@ def test_a_preset_is_the_rows_recipe_without_its_cut_and_seed(tmp_path):
     (tmp_path / "params.yaml").write_text("prune:\n  method: depth\n  depth:\n    criterion: ppl+\n    ratio: 0.2\n"
                                           "    mode: one_shot\n    heal_tokens: 0\nretrain:\n  tokens: 65536\n"
                                           "  method: lora\n  distill: 0.0\nrun:\n  seed: 0\n")
-    recipe = phase4(phase2("bi")[0])[-1]  # bi-kd-20-seed1: pure KD, seed 1
+    recipe = seed_twins(phase2("bi")[0])[0]  # bi-kd-20-seed1: pure KD, seed 1
     preset = tmp_path / "best.yaml"
     preset.write_text(preset_text(recipe, None))
     args = preset_args(tmp_path, preset)
