@@ -57,6 +57,13 @@ def run_stage_process(root):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def failure(out: str) -> str:
+    """A failed multi-process run's output for the assertion: every rank's error lines first (the
+    first rank to fail is not the last to print), then the tail."""
+    errors = [ln for ln in out.splitlines() if "Error" in ln or ln.startswith("error:")]
+    return "\n".join(errors[:40]) + "\n...\n" + out[-3000:]
+
+
 def kill_after_first_checkpoint(process, root) -> int:
     """SIGKILL the stage, its launcher and both ranks (torch elastic starts them in their own
     sessions) once the first checkpoint is complete; returns its step."""
@@ -132,10 +139,10 @@ def test_ddp_and_fsdp_equal_one_process_and_resume(tmp_path, raw_corpus, monkeyp
     in_process(roots["one"])  # the reference, meanwhile
     for process in (fsdp, ddp):
         out, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, out[-4000:]
+        assert process.returncode == 0, failure(out)
     resumed = run_stage_process(roots["killed"])
     out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-4000:]
+    assert resumed.returncode == 0, failure(out)
     assert f"sheared: resuming from data/checkpoints/prune/last at step {killed_at}" in out, out
     in_process(roots["fewer"])
 
