@@ -119,7 +119,9 @@ def _tsv_step(line: str, width: int, col: int) -> int | None:
     that is not a number)."""
     cells = line.split("\t")
     try:
-        return int(cells[col]) if len(cells) == width and all(float(c) == float(c) for c in cells) else None
+        for c in cells:
+            float(c)  # raises on an empty or non-numeric cell; nan and inf are values, kept
+        return int(cells[col]) if len(cells) == width else None
     except ValueError:
         return None
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -383,7 +384,7 @@ def seed_values(done: dict[str, dict | None], seq_len: str) -> dict[str, list[fl
 
 
 def _over_seeds(values: list[float]) -> str:
-    mean = sum(values) / len(values)
+    mean = statistics.fmean(values)
     if len(values) == 1:
         return f"{mean:.3f} (1 seed)"
     return f"{mean:.3f} ({len(values)} seeds, {min(values):.3f}-{max(values):.3f})"
@@ -398,19 +399,19 @@ def verdict(done: dict[str, dict | None]) -> list[str]:
            "when the best row's mean is at least 10% below the seed recipe's, with at least 2 seeds each and "
            "every seed of the best row below every seed of the seed recipe; a gain inside the seeds' "
            "range is reported as not shown.", ""]
+    by_length = {seq_len: seed_values(done, seq_len) for seq_len in ("128", "1024")}
     for pct in RATIOS:
-        for seq_len in ("128", "1024"):
-            values = seed_values(done, seq_len)
+        for seq_len, values in by_length.items():
             seed = values.get(f"{SEED_RECIPE}-{pct}")
             mine = {row: v for row, v in values.items() if row.endswith(f"-{pct}") and not row.startswith("half")}
             if not seed or not mine:
                 out.append(f"- {pct}% @{seq_len}: not measured yet")
                 continue
             pool = {row: v for row, v in mine.items() if len(v) > 1} or mine  # one lucky seed does not win
-            name = min(pool, key=lambda row: sum(pool[row]) / len(pool[row]))
+            name = min(pool, key=lambda row: statistics.fmean(pool[row]))
             best = mine[name]
-            seed_mean = sum(seed) / len(seed)
-            gain = 1 - (sum(best) / len(best)) / seed_mean if seed_mean > 0 else float("nan")
+            seed_mean = statistics.fmean(seed)
+            gain = 1 - statistics.fmean(best) / seed_mean if seed_mean > 0 else float("nan")
             if not gain >= 0.10:
                 state = "not met"
             elif min(len(best), len(seed)) < 2:
@@ -421,17 +422,15 @@ def verdict(done: dict[str, dict | None]) -> list[str]:
                 state = "met"
             out.append(f"- {pct}% @{seq_len}: best {name} {_over_seeds(best)} vs {SEED_RECIPE}-{pct} "
                        f"{_over_seeds(seed)}: {gain:+.1%} ({state}; target >= 10%)")
-    values = seed_values(done, "128")
-    sheared = next((v for row, v in values.items() if row.startswith("half-sheared")), None)
-    width = next((v for row, v in values.items() if row.startswith("half-width")), None)
+    sheared = next((v for row, v in by_length["128"].items() if row.startswith("half-sheared")), None)
+    width = next((v for row, v in by_length["128"].items() if row.startswith("half-width")), None)
     if sheared and width:
-        s, w = sum(sheared) / len(sheared), sum(width) / len(width)
         out.append(f"- half size @128: sheared {_over_seeds(sheared)} vs width {_over_seeds(width)}: "
-                   f"{'met' if s < w else 'not met'}")
+                   f"{'met' if statistics.fmean(sheared) < statistics.fmean(width) else 'not met'}")
     else:
         out.append("- half size: not measured yet")
-    for seq_len in ("128", "1024"):
-        for row, v in seed_values(done, seq_len).items():
+    for seq_len, values in by_length.items():
+        for row, v in values.items():
             if len(v) > 1:
                 out.append(f"- seeds of {row} @{seq_len}: {', '.join(f'{x:.3f}' for x in v)}: "
                            f"range {max(v) - min(v):.3f}")
