@@ -150,7 +150,7 @@ def phase3(criterion: str, retraining: str, half_params: int) -> list[Recipe]:
     label, settings = RETRAININGS[retraining]
     target = {"prune.target.params": half_params}
     return [
-        Recipe(f"half-depth-{retraining}", f"half size: depth ({criterion}) + {label}", 3,
+        Recipe(f"half-depth-{criterion}-{retraining}", f"half size: depth ({criterion}) + {label}", 3,
                depth(criterion, 0.5, settings)),
         Recipe(f"half-width-{retraining}", f"half size: width (activation) + {label}", 3,
                {"prune.method": "width", **target, "retrain.tokens": RECIPE_TOKENS, **settings}),
@@ -288,7 +288,20 @@ def plan(done: dict[str, dict | None], half_params: int | None, criterion: str |
     firsts = [r for r in rows if r.phase in (1, 2)]
     best = [b for pct in RATIOS if (b := best_so_far([r for r in firsts if r.row.endswith(f"-{pct}")], done))]
     twinned = [r for r in firsts if any(done.get(t.exp_name) for t in seed_twins(r))]
-    return rows + phase4(best + twinned)
+    rows += phase4(best + twinned)
+    planned = {r.row for r in rows}
+    # rows an earlier --criterion or --retraining ran stay in the table, beside their phase
+    rows += [r for r in every_row(half_params or 0) if r.row not in planned and done.get(r.exp_name)]
+    return sorted(rows, key=lambda r: r.phase)
+
+
+def every_row(half_params: int) -> list[Recipe]:
+    """Every row any phase can plan, whatever earlier phases find, each once."""
+    rows = phase1()
+    for c in PHASE1_CRITERIA:
+        rows += phase2(c) + [r for key in RETRAININGS for r in phase3(c, key, half_params)]
+    rows += phase4(list(rows))
+    return list({r.row: r for r in rows}.values())
 
 
 def training_metrics(root: Path, rev: str) -> dict[str, dict]:
@@ -462,15 +475,6 @@ def queue_busy(root: Path) -> bool:
     return any(line.split()[-1:] in (["Queued"], ["Running"]) for line in done.stdout.splitlines())
 
 
-def possible_rows() -> list[str]:
-    """Every row id any phase can plan, whatever earlier phases find (to check `--only` up front)."""
-    rows = phase1()
-    for c in PHASE1_CRITERIA:
-        rows += phase2(c) + [r for key in RETRAININGS for r in phase3(c, key, 0)]
-    rows += phase4(list(rows))
-    return list(dict.fromkeys(r.row for r in rows))
-
-
 def select(rows: list[Recipe], only: list[str] | None) -> list[Recipe]:
     """The rows of `rows` named in `only`, in `only`'s order (all of `rows` when `only` is None): rows
     a later phase has not unlocked yet are left for the next round."""
@@ -508,13 +512,16 @@ def table(root: Path, out: Path, criterion: str | None = None, retraining: str |
     return text
 
 
-def preset_text(recipe: Recipe, numbers: dict | None) -> str:
-    """A preset file: the row's params (minus PRESET_LEAVES_OUT) as dotted keys, with what it measured."""
-    lines = [f"# Recipe preset from row {recipe.row}: {recipe.title} (reports/recipes.md)."]
-    if numbers:
-        measured = ", ".join(f"@{k} {v:.3f}" for k, v in numbers["log_ratio"].items() if v is not None)
-        lines.append(f"# Measured on the default model: mean log(PPL/base) {measured}; {numbers['tokens']:,} "
-                     f"retraining tokens, seed {numbers['seed']}.")
+def preset_text(recipe: Recipe, measured: list[dict]) -> str:
+    """A preset file: the row's params (minus PRESET_LEAVES_OUT) as dotted keys, with what it measured
+    (`measured`: the numbers of the row's finished seeds)."""
+    lines = [f"# Recipe preset from row {family(recipe.exp_name)}: {recipe.title} (reports/recipes.md)."]
+    if measured:
+        lengths = {k: [v for n in measured if (v := n["log_ratio"].get(k)) is not None] for k in measured[0]["log_ratio"]}
+        values = "; ".join(f"@{k} {_over_seeds(v)}" for k, v in lengths.items() if v)
+        seeds = ", ".join(str(n["seed"]) for n in measured)
+        lines.append(f"# Measured on the default model (seeds {seeds}, {measured[0]['tokens']:,} retraining tokens): "
+                     f"mean log(PPL/base) {values}.")
     lines += ["# Apply: python -m shear.recipes apply <this file> [-S prune.depth.ratio=0.35] [--queue]",
               "# (= dvc exp run -S key=value for each key below). Written by `python -m shear.recipes preset`."]
     body = {k: v for k, v in recipe.overrides.items() if k not in PRESET_LEAVES_OUT}
@@ -556,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("preset", "apply") and not args.what:
         parser.error(f"{args.command} needs {'a row id' if args.command == 'preset' else 'a preset file'}")
     named = {"--only": args.only or [], "preset": [args.what] if args.command == "preset" else []}
-    known = set(possible_rows())
+    known = {r.row for r in every_row(0)}
     for option, rows in named.items():
         unknown = sorted(set(rows) - known)
         if unknown:
@@ -576,7 +583,9 @@ def main(argv: list[str] | None = None) -> None:
             out = PRESET_DIR / f"{args.name}.yaml"
             (root / PRESET_DIR).mkdir(parents=True, exist_ok=True)
             with atomic_file(root / out) as f:
-                f.write(preset_text(recipe, done.get(recipe.exp_name)))
+                seeds = sorted((n for name, n in done.items() if n and family(name) == family(recipe.exp_name)),
+                               key=lambda n: n["seed"])
+                f.write(preset_text(recipe, seeds))
             print(f"wrote {out}")
         elif args.command == "apply":
             cmd = [sys.executable, "-m", "dvc", "exp", "run", *preset_args(root, Path(args.what).resolve()), *dvc_args]

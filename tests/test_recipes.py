@@ -3,15 +3,15 @@ import math
 
 import pytest
 
-from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, family, log_ratio, main, phase1, phase2, phase3,
-                           phase4, plan, possible_rows, preset_args, preset_text, render, results, row_numbers,
-                           seed_twins, select)
+from shear.recipes import (EXP_PREFIX, RATIOS, RECIPE_TOKENS, Recipe, every_row, family, log_ratio, main, phase1,
+                           phase2, phase4, plan, preset_args, preset_text, render, results, row_numbers, seed_twins,
+                           select)
 from shear.errors import ShearError
 from shear.records import EvalMetrics
 
 DOMAINS = ("books", "code")
-# every row a plan can hold when bi and kd win (for the params of the made-up experiments)
-KNOWN = {r.row: r for r in phase1() + phase2("bi") + phase3("bi", "kd", 500) + phase4(phase1() + phase2("bi"))}
+# every row a plan can hold (for the params of the made-up experiments)
+KNOWN = {r.row: r for r in every_row(500)}
 SEED_TWINS = {f"ppl+-cpt-{pct}-seed{s}" for pct in RATIOS for s in (1, 2)}  # planned from the start
 
 
@@ -87,7 +87,7 @@ def test_later_phases_wait_for_the_winners():
     shifts |= {f"bi-{k}-{p}": 0.4 for k in ("kdh", "iter") for p in RATIOS} | {"bi-kd-20": 0.1, "bi-kd-35": 0.2}
     done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
     rows = {r.row: r for r in plan(done, 500)}
-    assert {"half-depth-kd", "half-width-kd", "half-sheared-kd", "ppl+-cpt-20-seed1", "bi-kd-20-seed1"} <= set(rows)
+    assert {"half-depth-bi-kd", "half-width-kd", "half-sheared-kd", "ppl+-cpt-20-seed1", "bi-kd-20-seed1"} <= set(rows)
     assert "bi-cpt-20-seed1" not in rows  # no longer the best, and no twin of it ran
     shifts |= {"bi-cpt-20-seed2": 0.25}   # ... but once one has, a later best keeps it in the table
     done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
@@ -101,11 +101,21 @@ def test_a_named_criterion_starts_phase_2_and_only_picks_rows_in_its_order():
     rows = plan({}, 400, criterion="ppl+")
     assert {r.row for r in rows} == {r.row for r in phase1() + phase2("ppl+") + phase4([])}
     with_half = {r.row for r in plan({}, 400, criterion="ppl+", retraining="kd")}
-    assert with_half == {r.row for r in rows} | {"half-depth-kd", "half-width-kd", "half-sheared-kd"}
+    assert with_half == {r.row for r in rows} | {"half-depth-ppl+-kd", "half-width-kd", "half-sheared-kd"}
     picked = select(rows, ["ppl+-kd-20", "ppl+-cpt-20", "half-width-kd"])  # half-width-kd: not unlocked yet
     assert [r.row for r in picked] == ["ppl+-kd-20", "ppl+-cpt-20"]
     assert select(rows, None) == rows
-    assert {"half-sheared-kdh", "sleb-iter-35", "ppl+-kd-20-seed1"} <= set(possible_rows())
+    assert {"half-sheared-kdh", "sleb-iter-35", "ppl+-kd-20-seed1", "half-depth-bi-cpt"} <= {r.row for r in every_row(0)}
+
+
+def test_rows_another_criterion_ran_stay_in_the_table():
+    # phase 2 ran with ppl+ at 20% and with bi at 35%; the table named with bi still lists ppl+'s rows
+    done = {n: row_numbers(r) for n, r in results(exp_show({"ppl+-kd-20": 0.4, "bi-kd-35": 0.6,
+                                                              "half-depth-ppl+-cpt": 1.0})).items()}
+    rows = {r.row: r for r in plan(done, 400, criterion="bi", retraining="cpt")}
+    assert {"ppl+-kd-20", "bi-kd-35", "half-depth-ppl+-cpt", "half-depth-bi-cpt"} <= set(rows)
+    assert "ppl+-kdh-20" not in rows  # not run: only the named criterion's unfinished rows are listed
+    assert rows["half-depth-ppl+-cpt"].overrides["prune.depth.criterion"] == "ppl+"
 
 
 def test_an_unknown_row_is_refused_before_anything_runs(capsys):
@@ -190,7 +200,10 @@ def test_a_preset_is_the_rows_recipe_without_its_cut_and_seed(tmp_path):
                                           "  method: lora\n  distill: 0.0\nrun:\n  seed: 0\n")
     recipe = seed_twins(phase2("bi")[0])[0]  # bi-kd-20-seed1: pure KD, seed 1
     preset = tmp_path / "best.yaml"
-    preset.write_text(preset_text(recipe, None))
+    done = {n: row_numbers(r) for n, r in results(exp_show({"bi-kd-20": 0.1, "bi-kd-20-seed1": 0.3})).items()}
+    preset.write_text(preset_text(recipe, [done["rcp-bi-kd-20"], done["rcp-bi-kd-20-seed1"]]))
+    assert "(seeds 0, 1, 65,536 retraining tokens): mean log(PPL/base) @128 0.200 (2 seeds, 0.100-0.300)" in preset.read_text()
+    assert preset.read_text().startswith("# Recipe preset from row bi-kd-20:")
     args = preset_args(tmp_path, preset)
     keys = [a.split("=")[0] for a in args[1::2]]
     assert "retrain.distill=1.0" in args and "prune.depth.ratio" not in keys and "run.seed" not in keys
