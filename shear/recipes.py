@@ -2,7 +2,7 @@
 
     python -m shear.recipes plan      # the rows, their params and whether each is done
     python -m shear.recipes run       # queue every row that is ready, run 2 at a time, repeat; then `table`
-    python -m shear.recipes table     # reports/recipes.md from `dvc exp show --json`
+    python -m shear.recipes table     # reports/recipes.md (+ reports/recipes.json) from `dvc exp show --json`
     python -m shear.recipes preset ROW --name best   # configs/recipes/best.yaml: that row's recipe
     python -m shear.recipes apply configs/recipes/best.yaml [dvc exp run options]
     make recipes                      # = run
@@ -20,6 +20,11 @@ in phases, because later ones use the winners of earlier ones:
    the best retraining of phases 1-2;
 4. seeds 1 and 2 (`run.seed`) of the strongest seed recipe and of the best recipe so far, at 20%
    and 35%, so that a difference between rows can be told from the noise of one seed.
+
+Experiments live in one clone's git refs (a new machine, `dvc exp gc` or `dvc exp remove` loses
+them), so `table` also writes the numbers of every finished row to reports/recipes.json: commit it
+with the table, and later tables, plans and presets start from it (a row's experiment, when
+present, wins). `run` does not queue a row the record holds.
 
 The table reports, per row, the mean over the domains of log(PPL / base PPL) at each evaluated
 length (the log-ratio; lower is better, 0 = the base model), the two offline task accuracies
@@ -42,7 +47,7 @@ import yaml
 
 from shear.compare import exp_show, find_dvc_root
 from shear.errors import ShearError
-from shear.io import atomic_file
+from shear.io import atomic_file, read_json, write_json
 from shear.records import EvalMetrics, flatten
 from shear.report import markdown_table
 
@@ -53,6 +58,8 @@ TARGET = "evaluate@retrained"  # what a row runs: no speed, export or report
 BASE_EVAL = "reports/eval/base/metrics.json"
 RETRAINED_EVAL = "reports/eval/retrained/metrics.json"
 TRAIN_METRICS = ("reports/train/prune/metrics.json", "reports/train/retrain/metrics.json")
+RECORD = Path("reports/recipes.json")  # {exp name: row_numbers()} of every finished row: outlives the experiments
+RECORD_KEYS = ("log_ratio", "tasks", "non_embedding", "base_non_embedding", "tokens", "pruning_tokens", "seed", "wall_s")
 SEED_RECIPE = "ppl+-cpt"       # Shortened LLaMA v2: the strongest seed recipe (the target's reference)
 # block criteria compared under CPT; ppl+ is the paper's PPL (first 4 / last 2 blocks protected, as the
 # released Shortened LLaMA models were made), bi (ShortGPT) and sleb (SLEB) as their papers: unprotected
@@ -234,6 +241,19 @@ def row_numbers(result: RowResult) -> dict | None:
     }
 
 
+def load_record(root: Path) -> dict[str, dict]:
+    """{exp name: numbers} of the rows RECORD holds ({} when there is none yet)."""
+    path = root / RECORD
+    if not path.exists():
+        return {}
+    record = read_json(path)
+    if not isinstance(record, dict) or not all(isinstance(n, dict) and all(k in n for k in RECORD_KEYS)
+                                               for n in record.values()):
+        raise ShearError(f"{RECORD}: expected {{experiment name: {{{', '.join(RECORD_KEYS)}}}}}; restore the "
+                         f"committed one with `git checkout {RECORD}`")
+    return record
+
+
 def mean_log_ratio(numbers: dict | None, seq_len: str = "128") -> float | None:
     """The row's log-ratio at `seq_len` (None when not finished)."""
     return None if numbers is None else numbers["log_ratio"].get(seq_len)
@@ -318,9 +338,11 @@ def training_metrics(root: Path, rev: str) -> dict[str, dict]:
     return out
 
 
-def collect(root: Path, attempts: int = 3, wait_s: float = 30.0) -> tuple[dict[str, RowResult], dict[str, dict | None],
+def collect(root: Path, attempts: int = 3, wait_s: float = 30.0) -> tuple[dict[str, RowResult], dict[str, dict],
                                                                          int | None]:
     """(all rcp- results, {exp name: numbers of finished rows}, half the base's non-embedding parameters).
+
+    Finished rows are RECORD's and the finished experiments' (an experiment wins over the record).
 
     `dvc exp show` fails now and then while a queue worker sets up an experiment's temporary
     workspace ("directory .dvc/tmp/exps/tmp.../.dvc does not exist"): tried `attempts` times."""
@@ -336,7 +358,7 @@ def collect(root: Path, attempts: int = 3, wait_s: float = 30.0) -> tuple[dict[s
     for r in found.values():
         if r.state == "success":
             r.metrics |= training_metrics(root, r.rev)
-    done = {name: row_numbers(r) for name, r in found.items() if r.state == "success"}
+    done = load_record(root) | {name: n for name, r in found.items() if r.state == "success" and (n := row_numbers(r))}
     base = next((n["base_non_embedding"] for n in done.values() if n), None)
     return found, done, None if base is None else base // 2
 
@@ -357,7 +379,7 @@ def render(rows: list[Recipe], done: dict[str, dict | None], found: dict[str, Ro
     body = []
     for r in rows:
         n = done.get(r.exp_name)
-        state = found[r.exp_name].state if r.exp_name in found else "not run"
+        state = found[r.exp_name].state if r.exp_name in found else "success" if n else "not run"
         if n is None:
             body.append([r.row, r.title] + ["—"] * (len(header) - 3) + [state])
             continue
@@ -373,7 +395,7 @@ def render(rows: list[Recipe], done: dict[str, dict | None], found: dict[str, Ro
              "documents. Run time = evaluation + training wall time, one thread per experiment, two at "
              "once on 2 cores (iterative rows: without the prune stage's re-scoring and healing rounds, which "
              "the pruned model's shear.json times under `removal_steps`). Built by `python -m shear.recipes "
-             "table` from `dvc exp show --json`.", "",
+             f"table` from `dvc exp show --json` and {RECORD} (the finished rows of earlier clones).", "",
              markdown_table(header, body)]
     lines += verdict(done)
     return "\n".join(lines) + "\n"
@@ -453,16 +475,17 @@ def verdict(done: dict[str, dict | None]) -> list[str]:
 # ----------------------------------------------------------------------------- commands
 
 
-def queue(root: Path, rows: list[Recipe], found: dict[str, RowResult]) -> list[Recipe]:
-    """Queue the rows that have no experiment yet (failed ones are left for the user to look at)."""
+def queue(root: Path, rows: list[Recipe], found: dict[str, RowResult], done: dict[str, dict]) -> list[Recipe]:
+    """Queue the rows that have neither an experiment nor a recorded result (failed ones are left for
+    the user to look at)."""
     queued = []
     for r in rows:
-        if r.exp_name in found:
+        if r.exp_name in found or r.exp_name in done:
             continue
         cmd = [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", r.exp_name, *r.set_args(), TARGET]
-        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise ShearError(f"queueing {r.exp_name} failed: {last}")
         queued.append(r)
     return queued
@@ -492,7 +515,7 @@ def run(root: Path, jobs: int, poll_s: float, criterion: str | None = None, retr
     while True:
         found, done, half = collect(root)
         ready = plan(done, half, criterion, retraining)
-        new = queue(root, select(ready, only), found)
+        new = queue(root, select(ready, only), found, done)
         pending = [n for n, r in found.items() if r.state in ("queued", "running")] + [r.exp_name for r in new]
         if not pending:
             break
@@ -504,9 +527,11 @@ def run(root: Path, jobs: int, poll_s: float, criterion: str | None = None, retr
 
 
 def table(root: Path, out: Path, criterion: str | None = None, retraining: str | None = None) -> str:
-    """Write the recipes table to `out` (relative to `root`) and return it."""
+    """Write the recipes table to `out` (relative to `root`) and every finished row's numbers to
+    RECORD; return the table."""
     found, done, half = collect(root)
     text = render(plan(done, half, criterion, retraining), done, found)
+    write_json(root / RECORD, dict(sorted(done.items())))
     with atomic_file(root / out) as f:
         f.write(text)
     return text

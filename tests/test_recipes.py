@@ -1,5 +1,7 @@
 """shear.recipes: rows per phase, the winners that unlock later phases, the table and the target check."""
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -167,7 +169,6 @@ def test_family_is_the_row_without_its_seed():
 
 def test_training_summaries_are_read_from_the_experiment_commit(tmp_path):
     import json
-    import subprocess
 
     from shear.recipes import training_metrics
 
@@ -180,9 +181,6 @@ def test_training_summaries_are_read_from_the_experiment_commit(tmp_path):
 
 
 def test_queue_busy_reads_dvc_queue_status(monkeypatch):
-    import subprocess
-    from pathlib import Path
-
     from shear import recipes
 
     def status(text):
@@ -234,3 +232,31 @@ def test_collect_tries_again_when_dvc_exp_show_races_a_queue_worker(monkeypatch,
     monkeypatch.setattr(recipes, "exp_show", lambda root, all_commits=False: (_ for _ in ()).throw(ShearError("down")))
     with pytest.raises(ShearError, match="down"):
         recipes.collect(tmp_path, wait_s=0)
+
+
+def test_finished_rows_outlive_their_experiments_in_the_record(monkeypatch, tmp_path):
+    import json
+
+    import shear.recipes as recipes
+
+    monkeypatch.setattr(recipes, "training_metrics", lambda root, rev: {})
+    monkeypatch.setattr(recipes, "exp_show", lambda root, all_commits=False: exp_show({"ppl+-cpt-20": 0.4, "bi-cpt-20": 0.3}))
+    recipes.table(tmp_path, Path("reports/recipes.md"))
+    record = json.loads((tmp_path / recipes.RECORD).read_text())
+    assert sorted(record) == [EXP_PREFIX + "bi-cpt-20", EXP_PREFIX + "ppl+-cpt-20"]
+    # a new clone: the experiments are gone, bi-cpt-20 ran again with another result (the experiment wins)
+    monkeypatch.setattr(recipes, "exp_show", lambda root, all_commits=False: exp_show({"bi-cpt-20": 0.2}))
+    text = recipes.table(tmp_path, Path("reports/recipes.md"))
+    assert "| ppl+-cpt-20 | ppl+ + CPT, 20% (Shortened LLaMA v2) | 0.400 | 0.400 | 0.30 ± 0.05 |" in text
+    assert "| bi-cpt-20 | bi + CPT, 20% | 0.200 |" in text
+    found, done, half = recipes.collect(tmp_path)
+    assert half == 500 and set(done) == set(record)
+    # `run` queues neither a recorded row nor one with an experiment
+    queued = []
+    monkeypatch.setattr(recipes.subprocess, "run", lambda cmd, **k: queued.append(cmd[cmd.index("-n") + 1])
+                        or subprocess.CompletedProcess(cmd, 0, "", ""))
+    recipes.queue(tmp_path, phase1()[:4], found, done)
+    assert queued == [EXP_PREFIX + "ppl+-lora-20", EXP_PREFIX + "taylor+-lora-20"]
+    (tmp_path / recipes.RECORD).write_text(json.dumps({"rcp-x": {"log_ratio": {}}}))
+    with pytest.raises(ShearError, match="reports/recipes.json: expected .*git checkout reports"):
+        recipes.collect(tmp_path)
