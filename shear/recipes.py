@@ -370,6 +370,13 @@ def _fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def row_state(recipe: Recipe, found: dict[str, RowResult], done: dict[str, dict | None]) -> str:
+    """The row's experiment state, or "success" for a row only the record holds, or "not run"."""
+    if recipe.exp_name in found:
+        return found[recipe.exp_name].state
+    return "success" if done.get(recipe.exp_name) else "not run"
+
+
 def render(rows: list[Recipe], done: dict[str, dict | None], found: dict[str, RowResult]) -> str:
     """The markdown of reports/recipes.md."""
     lengths = sorted({length for n in done.values() if n for length in n["log_ratio"]}, key=int) or ["128", "1024"]
@@ -379,7 +386,7 @@ def render(rows: list[Recipe], done: dict[str, dict | None], found: dict[str, Ro
     body = []
     for r in rows:
         n = done.get(r.exp_name)
-        state = found[r.exp_name].state if r.exp_name in found else "success" if n else "not run"
+        state = row_state(r, found, done)
         if n is None:
             body.append([r.row, r.title] + ["—"] * (len(header) - 3) + [state])
             continue
@@ -598,8 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "plan":
             found, done, half = collect(root)
             for r in plan(done, half, args.criterion, args.retraining):
-                state = found[r.exp_name].state if r.exp_name in found else "not run"
-                print(f"{r.exp_name:28s} phase {r.phase}  {state:8s}  {' '.join(r.set_args())}")
+                print(f"{r.exp_name:28s} phase {r.phase}  {row_state(r, found, done):8s}  {' '.join(r.set_args())}")
         elif args.command == "preset":
             found, done, half = collect(root)
             recipe = next((r for r in plan(done, half, args.criterion, args.retraining) if r.row == args.what), None)

@@ -1,5 +1,6 @@
 """shear.recipes: rows per phase, the winners that unlock later phases, the table and the target check."""
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def test_collect_tries_again_when_dvc_exp_show_races_a_queue_worker(monkeypatch,
         recipes.collect(tmp_path, wait_s=0)
 
 
-def test_finished_rows_outlive_their_experiments_in_the_record(monkeypatch, tmp_path):
+def test_finished_rows_outlive_their_experiments_in_the_record(monkeypatch, tmp_path, capsys):
     import json
 
     import shear.recipes as recipes
@@ -251,6 +252,12 @@ def test_finished_rows_outlive_their_experiments_in_the_record(monkeypatch, tmp_
     assert "| bi-cpt-20 | bi + CPT, 20% | 0.200 |" in text
     found, done, half = recipes.collect(tmp_path)
     assert half == 500 and set(done) == set(record)
+    (tmp_path / ".dvc").mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    main(["plan"])
+    states = dict(re.match(r"(\S+) +phase \d +(success|not run)", line).groups()
+                  for line in capsys.readouterr().out.splitlines())
+    assert states[EXP_PREFIX + "ppl+-cpt-20"] == "success" and states[EXP_PREFIX + "ppl+-lora-20"] == "not run"
     # `run` queues neither a recorded row nor one with an experiment
     queued = []
     monkeypatch.setattr(recipes.subprocess, "run", lambda cmd, **k: queued.append(cmd[cmd.index("-n") + 1])
