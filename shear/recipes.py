@@ -19,7 +19,8 @@ in phases, because later ones use the winners of earlier ones:
 3. half the non-embedding parameters: depth (the best criterion), width and sheared, each with
    the best retraining of phases 1-2;
 4. seeds 1 and 2 (`run.seed`) of the strongest seed recipe and of the best recipe so far, at 20%
-   and 35%, so that a difference between rows can be told from the noise of one seed.
+   and 35%, and of the half-size width and sheared rows, so that a difference between rows can be
+   told from the noise of one seed.
 
 Experiments live in one clone's git refs (a new machine, `dvc exp gc` or `dvc exp remove` loses
 them), so `table` also writes the numbers of every finished row to reports/recipes.json: commit it
@@ -297,7 +298,8 @@ def plan(done: dict[str, dict | None], half_params: int | None, criterion: str |
     `criterion` and `retraining` start phases 2 and 3 with the named block criterion and retraining
     before the earlier phases have named their best (a user's choice when time is short; the table
     then shows which rows ran). Seed twins: of the seed recipe always, of the best finished row of
-    phases 1-2 at each cut, and of every row whose twin has finished (a later best keeps them)."""
+    phases 1-2 at each cut, of phase 3's width and sheared rows (the half-size target compares them),
+    and of every row whose twin has finished (a later best keeps them)."""
     rows = phase1()
     criterion = criterion or best_criterion(done)
     if criterion is not None:
@@ -308,7 +310,9 @@ def plan(done: dict[str, dict | None], half_params: int | None, criterion: str |
     firsts = [r for r in rows if r.phase in (1, 2)]
     best = [b for pct in RATIOS if (b := best_so_far([r for r in firsts if r.row.endswith(f"-{pct}")], done))]
     twinned = [r for r in firsts if any(done.get(t.exp_name) for t in seed_twins(r))]
-    rows += phase4(best + twinned)
+    # the half-size target compares sheared with width pruning: both get their seeds too
+    halves = [r for r in rows if r.phase == 3 and not r.row.startswith("half-depth")]
+    rows += phase4(best + twinned + halves)
     planned = {r.row for r in rows}
     # rows an earlier --criterion or --retraining ran stay in the table, beside their phase
     rows += [r for r in every_row(half_params or 0) if r.row not in planned and done.get(r.exp_name)]
@@ -432,15 +436,29 @@ def _over_seeds(values: list[float]) -> str:
     return f"{mean:.3f} ({len(values)} seeds, {min(values):.3f}-{max(values):.3f})"
 
 
+def compare_seeds(mine: list[float], reference: list[float], minimum_gain: float) -> tuple[float, str]:
+    """(gain of `mine`'s seed mean over `reference`'s, the verdict): "met" needs the gain, at least 2
+    seeds each and every seed of `mine` below every seed of `reference`."""
+    reference_mean = statistics.fmean(reference)
+    gain = 1 - statistics.fmean(mine) / reference_mean if reference_mean > 0 else float("nan")
+    if not gain >= minimum_gain or not gain > 0:
+        return gain, "not met"
+    if min(len(mine), len(reference)) < 2:
+        return gain, "not shown: one seed"
+    if max(mine) >= min(reference):
+        return gain, "not shown: inside the seeds' range"
+    return gain, "met"
+
+
 def verdict(done: dict[str, dict | None]) -> list[str]:
     """The target's check on the seeds' means: the best row vs ppl+ + CPT at 20% and 35%; sheared vs
-    width at half size; and every row's spread over its seeds."""
+    width at half size (after the same retraining); and every row's spread over its seeds."""
     out = ["", "## Target", "",
            "A row's value is the mean over its finished seeds (with their range); the best row is the lowest "
            "mean among rows with at least 2 seeds (among all rows while none has). The target counts as met "
-           "when the best row's mean is at least 10% below the seed recipe's, with at least 2 seeds each and "
-           "every seed of the best row below every seed of the seed recipe; a gain inside the seeds' "
-           "range is reported as not shown.", ""]
+           "when the best row's mean is at least 10% below the seed recipe's (at half size: sheared's below "
+           "width's), with at least 2 seeds each and every seed of the one below every seed of the other; a "
+           "gain inside the seeds' range is reported as not shown.", ""]
     by_length = {seq_len: seed_values(done, seq_len) for seq_len in ("128", "1024")}
     for pct in RATIOS:
         for seq_len, values in by_length.items():
@@ -451,25 +469,18 @@ def verdict(done: dict[str, dict | None]) -> list[str]:
                 continue
             pool = {row: v for row, v in mine.items() if len(v) > 1} or mine  # one lucky seed does not win
             name = min(pool, key=lambda row: statistics.fmean(pool[row]))
-            best = mine[name]
-            seed_mean = statistics.fmean(seed)
-            gain = 1 - statistics.fmean(best) / seed_mean if seed_mean > 0 else float("nan")
-            if not gain >= 0.10:
-                state = "not met"
-            elif min(len(best), len(seed)) < 2:
-                state = "not shown: one seed"
-            elif max(best) >= min(seed):
-                state = "not shown: inside the seeds' range"
-            else:
-                state = "met"
-            out.append(f"- {pct}% @{seq_len}: best {name} {_over_seeds(best)} vs {SEED_RECIPE}-{pct} "
+            gain, state = compare_seeds(mine[name], seed, 0.10)
+            out.append(f"- {pct}% @{seq_len}: best {name} {_over_seeds(mine[name])} vs {SEED_RECIPE}-{pct} "
                        f"{_over_seeds(seed)}: {gain:+.1%} ({state}; target >= 10%)")
-    sheared = next((v for row, v in by_length["128"].items() if row.startswith("half-sheared")), None)
-    width = next((v for row, v in by_length["128"].items() if row.startswith("half-width")), None)
-    if sheared and width:
-        out.append(f"- half size @128: sheared {_over_seeds(sheared)} vs width {_over_seeds(width)}: "
-                   f"{'met' if statistics.fmean(sheared) < statistics.fmean(width) else 'not met'}")
-    else:
+    halves = sorted(row.removeprefix("half-sheared-") for row in by_length["128"] if row.startswith("half-sheared-"))
+    for retraining in halves:
+        for seq_len, values in by_length.items():
+            sheared, width = values.get(f"half-sheared-{retraining}"), values.get(f"half-width-{retraining}")
+            if sheared and width:
+                gain, state = compare_seeds(sheared, width, 0.0)
+                out.append(f"- half size + {retraining} @{seq_len}: sheared {_over_seeds(sheared)} vs width "
+                           f"{_over_seeds(width)}: {gain:+.1%} ({state}; target: sheared below width)")
+    if not any(f"half-width-{retraining}" in by_length["128"] for retraining in halves):
         out.append("- half size: not measured yet")
     for seq_len, values in by_length.items():
         for row, v in values.items():

@@ -91,6 +91,8 @@ def test_later_phases_wait_for_the_winners():
     done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
     rows = {r.row: r for r in plan(done, 500)}
     assert {"half-depth-bi-kd", "half-width-kd", "half-sheared-kd", "ppl+-cpt-20-seed1", "bi-kd-20-seed1"} <= set(rows)
+    # the half-size target's two rows get their seeds; half-depth is not part of it
+    assert {"half-width-kd-seed1", "half-sheared-kd-seed2"} <= set(rows) and "half-depth-bi-kd-seed1" not in rows
     assert "bi-cpt-20-seed1" not in rows  # no longer the best, and no twin of it ran
     shifts |= {"bi-cpt-20-seed2": 0.25}   # ... but once one has, a later best keeps it in the table
     done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
@@ -104,7 +106,9 @@ def test_a_named_criterion_starts_phase_2_and_only_picks_rows_in_its_order():
     rows = plan({}, 400, criterion="ppl+")
     assert {r.row for r in rows} == {r.row for r in phase1() + phase2("ppl+") + phase4([])}
     with_half = {r.row for r in plan({}, 400, criterion="ppl+", retraining="kd")}
-    assert with_half == {r.row for r in rows} | {"half-depth-ppl+-kd", "half-width-kd", "half-sheared-kd"}
+    halves = {"half-width-kd", "half-sheared-kd"}
+    assert with_half == {r.row for r in rows} | {"half-depth-ppl+-kd"} | halves | {f"{h}-seed{s}" for h in halves
+                                                                                   for s in (1, 2)}
     picked = select(rows, ["ppl+-kd-20", "ppl+-cpt-20", "half-width-kd"])  # half-width-kd: not unlocked yet
     assert [r.row for r in picked] == ["ppl+-kd-20", "ppl+-cpt-20"]
     assert select(rows, None) == rows
@@ -161,6 +165,16 @@ def test_table_and_target():
            "+12.0% (not shown: inside the seeds' range" in text
     assert "- seeds of ppl+-cpt-35 @128: 0.600, 0.480: range 0.120" in text
     assert "| bi-cpt-20-seed1 | bi + CPT, 20%, seed 1 | 0.320 |" in text
+    # half size: sheared against width after the same retraining, by the same rule of seeds
+    shifts |= {"half-sheared-cpt": 0.8, "half-width-cpt": 1.0}
+    done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
+    assert ("- half size + cpt @128: sheared 0.800 (1 seed) vs width 1.000 (1 seed): +20.0% (not shown: one seed; "
+            "target: sheared below width)") in render(plan(done, 400), done, {})
+    shifts |= {"half-sheared-cpt-seed1": 0.9, "half-width-cpt-seed1": 0.95}
+    done = {n: row_numbers(r) for n, r in results(exp_show(shifts)).items()}
+    text = render(plan(done, 400), done, {})
+    assert "- half size + cpt @1024: sheared 0.850 (2 seeds, 0.800-0.900) vs width 0.975 (2 seeds, 0.950-1.000)" in text
+    assert "(met; target: sheared below width)" in text and "half size: not measured yet" not in text
 
 
 def test_family_is_the_row_without_its_seed():
