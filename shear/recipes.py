@@ -441,7 +441,7 @@ def compare_seeds(mine: list[float], reference: list[float], minimum_gain: float
     seeds each and every seed of `mine` below every seed of `reference`."""
     reference_mean = statistics.fmean(reference)
     gain = 1 - statistics.fmean(mine) / reference_mean if reference_mean > 0 else float("nan")
-    if not gain >= minimum_gain or not gain > 0:
+    if not (gain > 0 and gain >= minimum_gain):  # nan fails both
         return gain, "not met"
     if min(len(mine), len(reference)) < 2:
         return gain, "not shown: one seed"
@@ -472,15 +472,16 @@ def verdict(done: dict[str, dict | None]) -> list[str]:
             gain, state = compare_seeds(mine[name], seed, 0.10)
             out.append(f"- {pct}% @{seq_len}: best {name} {_over_seeds(mine[name])} vs {SEED_RECIPE}-{pct} "
                        f"{_over_seeds(seed)}: {gain:+.1%} ({state}; target >= 10%)")
-    halves = sorted(row.removeprefix("half-sheared-") for row in by_length["128"] if row.startswith("half-sheared-"))
-    for retraining in halves:
+    before = len(out)
+    retrainings = sorted(row.removeprefix("half-sheared-") for row in by_length["128"] if row.startswith("half-sheared-"))
+    for retraining in retrainings:
         for seq_len, values in by_length.items():
             sheared, width = values.get(f"half-sheared-{retraining}"), values.get(f"half-width-{retraining}")
             if sheared and width:
                 gain, state = compare_seeds(sheared, width, 0.0)
                 out.append(f"- half size + {retraining} @{seq_len}: sheared {_over_seeds(sheared)} vs width "
                            f"{_over_seeds(width)}: {gain:+.1%} ({state}; target: sheared below width)")
-    if not any(f"half-width-{retraining}" in by_length["128"] for retraining in halves):
+    if len(out) == before:
         out.append("- half size: not measured yet")
     for seq_len, values in by_length.items():
         for row, v in values.items():
